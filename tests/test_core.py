@@ -1,0 +1,178 @@
+"""Chat format, loss masks, record round-trip, load_policy errors, sequence_logprobs."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import mmsearch_r1 as core
+
+
+def render(messages, image_tokens):
+    """The whole conversation as one ChatML string (an independent oracle for the tokenizer test)."""
+    out = []
+    for msg in messages:
+        content = msg["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        body = "".join(p["text"] if p["type"] == "text" else
+                       "<|vision_start|>" + "<|image_pad|>" * image_tokens.pop(0) + "<|vision_end|>"
+                       for p in parts)
+        if msg["role"] == "tool":
+            out.append(f"<|im_start|>user\n<tool_response>\n{body}\n</tool_response><|im_end|>\n")
+        else:
+            out.append(f"<|im_start|>{msg['role']}\n{body}<|im_end|>\n")
+    return "".join(out)
+
+
+CALL = '<think>zoom in</think><tool_call>{"name": "crop", "arguments": {"bbox": [1, 2, 30, 40]}}</tool_call>'
+MESSAGES = [
+    {"role": "system", "content": core.system_prompt("abs")},
+    {"role": "user", "content": "What tower is this? It's in France."},
+    {"role": "assistant", "content": CALL},
+    {"role": "tool", "content": "1. Eiffel Tower - Paris (example.org)"},
+    {"role": "assistant", "content": "<think>It is Paris.</think><answer>Eiffel Tower</answer>"},
+]
+
+
+def test_segment_tokenization_equals_full_text(policy):
+    traj = core.Trajectory()
+    for m in MESSAGES:
+        core.add_message(policy, traj, m["role"], m["content"])
+    full = policy.encode_text(render(MESSAGES, []))
+    assert traj.input_ids == full
+
+
+def test_image_pads_match_processor_grid(policy):
+    images = [Image.new("RGB", (150, 100), "red"), Image.new("RGB", (40, 90), "blue")]
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+            {"role": "tool", "content": [{"type": "text", "text": "crop:"}, {"type": "image"}]}]
+    traj = core.Trajectory()
+    core.add_message(policy, traj, "user", msgs[0]["content"], images[:1])
+    core.add_message(policy, traj, "tool", msgs[1]["content"], images[1:])
+    counts = []
+    for image in images:
+        grid = policy.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
+        counts.append(int(grid.prod()) // policy.merge_size ** 2)
+    assert traj.input_ids.count(policy.ids["image_pad"]) == sum(counts)
+    assert traj.input_ids == policy.encode_text(render(msgs, list(counts)))
+    assert [tuple(g.tolist()) for _, g in traj.image_inputs] == \
+        [tuple(policy.encode_image(im)[1].tolist()) for im in images]
+
+
+def test_loss_mask_is_assistant_content_and_im_end(policy):
+    traj = core.Trajectory()
+    for m in MESSAGES:
+        core.add_message(policy, traj, m["role"], m["content"])
+    masked = [t for t, m in zip(traj.input_ids, traj.loss_mask) if m]
+    want = []
+    for m in MESSAGES:
+        if m["role"] == "assistant":
+            want += policy.encode_text(m["content"]) + [policy.ids["im_end"]]
+    assert masked == want
+    # every masked run ends with <|im_end|> and starts right after "<|im_start|>assistant\n"
+    header = [policy.ids["im_start"]] + policy.encode_text("assistant\n")
+    starts = [i for i in range(1, len(traj.loss_mask)) if traj.loss_mask[i] and not traj.loss_mask[i - 1]]
+    assert len(starts) == 2
+    for s in starts:
+        assert traj.input_ids[s - len(header):s] == header
+
+
+def test_record_round_trip(policy, tmp_path):
+    Image.new("RGB", (80, 60), "green").save(tmp_path / "q.png")
+    Image.new("RGB", (50, 50), "white").save(tmp_path / "crop.png")
+    record = {"id": "ex1", "images": ["q.png", "crop.png"], "reward": 1.0, "messages": [
+        MESSAGES[0],
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where?"}]},
+        {"role": "assistant", "content": CALL},
+        {"role": "tool", "content": [{"type": "text", "text": "crop 1:"}, {"type": "image"}]},
+        {"role": "assistant", "content": "<answer>Paris</answer>"}]}
+    line = json.dumps(record)
+    traj = core.trajectory_from_record(policy, json.loads(line), root=tmp_path)
+    assert len(traj.images) == 2 and traj.meta["reward"] == 1.0
+    back = core.trajectory_to_record(traj)
+    assert back["messages"] == record["messages"]
+    assert [p.split("/")[-1] for p in back["images"]] == record["images"]
+    again = core.trajectory_from_record(policy, json.loads(json.dumps(back)))
+    assert again.input_ids == traj.input_ids and again.loss_mask == traj.loss_mask
+
+
+def test_record_errors(policy, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image.*bad.png"):
+        core.trajectory_from_record(policy, {"images": ["bad.png"], "messages": []}, root=tmp_path)
+    with pytest.raises(ValueError, match="more .*image.* parts than images"):
+        core.trajectory_from_record(policy, {"messages": [{"role": "user", "content": [{"type": "image"}]}]})
+    with pytest.raises(ValueError, match="no 'messages'"):
+        core.trajectory_from_record(policy, {"id": "x"})
+
+
+@pytest.mark.parametrize("fixture", ["policy", "policy3"])
+def test_sequence_logprobs_match_model_logits(fixture, request):
+    policy = request.getfixturevalue(fixture)
+    trajs = []
+    for size, question in [((120, 90), "Where?"), ((60, 100), "Where is this tower? " * 5)]:
+        traj = core.new_trajectory(policy, {"id": "a", "image": Image.new("RGB", size, "red"), "question": question})
+        core.add_message(policy, traj, "assistant", CALL)
+        core.add_message(policy, traj, "tool", [{"type": "text", "text": "crop:"}, {"type": "image"}],
+                         [Image.new("RGB", (56, 84), "blue")])
+        core.add_message(policy, traj, "assistant", "<answer>Paris</answer>")
+        trajs.append(traj)
+    batch = core.collate(policy, trajs)
+    logp, ent = core.sequence_logprobs(policy, batch, temperature=0.7, with_entropy=True)
+    with torch.no_grad():
+        logits = policy.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids",
+                                                       "pixel_values", "image_grid_thw")}).logits.float()
+    ref_all = torch.log_softmax(logits[:, :-1] / 0.7, -1)
+    ref = ref_all.gather(2, batch["input_ids"][:, 1:, None])[..., 0]
+    ref_ent = -(ref_all.exp() * ref_all).sum(-1)
+    mask = batch["loss_mask"][:, 1:].bool()
+    assert mask.sum() > 20
+    torch.testing.assert_close(logp[:, 1:][mask], ref[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent[:, 1:][mask], ref_ent[mask], atol=1e-4, rtol=0)
+    assert (logp[:, 1:][~mask] == 0).all() and (logp[:, 0] == 0).all()
+    logp.sum().backward()   # gradients reach the model through the kernel
+    assert policy.model.lm_head.weight.grad is not None
+    policy.model.zero_grad(set_to_none=True)
+
+
+def test_positions_ignore_padding(policy):
+    """A row's multimodal positions are the same alone and beside a longer row."""
+    a = core.new_trajectory(policy, {"image": Image.new("RGB", (90, 60)), "question": "Hi?"})
+    b = core.new_trajectory(policy, {"image": Image.new("RGB", (200, 150)), "question": "A much longer question here?"})
+    alone = core.collate(policy, [a])["position_ids"]
+    both = core.collate(policy, [b, a])["position_ids"]
+    n = len(a.input_ids)
+    assert torch.equal(alone[:, 0, :n], both[:, 1, :n])
+
+
+def test_load_policy_errors(tiny_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model folder"):
+        core.load_policy(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        core.load_policy(tmp_path / "empty")
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    bad = tmp_path / "llama"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="'llama' is not supported"):
+        core.load_policy(bad)
+    # a tokenizer without the vision tokens
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    notok = tmp_path / "notok"
+    notok.mkdir()
+    (notok / "config.json").write_text(json.dumps(cfg))
+    tk = Tokenizer(models.WordLevel({"a": 0, "<|im_start|>": 1, "<|im_end|>": 2}, unk_token="a"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(notok)
+    with pytest.raises(ValueError, match="lacks the special tokens.*vision_start"):
+        core.load_policy(notok)
+
+
+def test_tiny_policy_round_trips_through_save_pretrained(policy, tiny_dir):
+    again = core.load_policy(tiny_dir)
+    for (n1, p1), (n2, p2) in zip(policy.model.state_dict().items(), again.model.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    assert policy.model_type == "qwen2_5_vl" and policy.crop_convention == "abs"
+    assert 1e5 < sum(p.numel() for p in policy.model.parameters()) < 5e6
