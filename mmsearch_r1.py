@@ -422,27 +422,38 @@ def collate(policy, trajs):
 LOGIT_BUDGET = 1 << 25   # floats of logits per chunk (128 MB in fp32) when chunk_size is None
 
 
-def _chunk_logits(h, weight, temperature, acc_dtype):
-    """(c, H) @ (V, H).T -> (c, V) logits in `acc_dtype` (fp32, or fp64 for gradcheck), / T."""
-    z = (h @ weight.t()).to(acc_dtype)
-    return z.div_(temperature) if temperature != 1.0 else z
+def _chunk_logits(h, weight, temperature, out):
+    """(c, H) @ (V, H).T / T -> `out` (c, V), computed in out's dtype (fp32, or fp64 for gradcheck).
+    Writing into one reused buffer avoids a fresh 100 MB allocation (and its page faults) per chunk."""
+    if h.dtype == out.dtype:
+        torch.mm(h, weight.t(), out=out)
+    else:   # bf16/fp16 GEMM, then upcast: the log-softmax itself is always done in fp32
+        out.copy_(h @ weight.t())
+    return out.div_(temperature) if temperature != 1.0 else out
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        N = hidden.shape[0]
+        N, V = hidden.shape[0], weight.shape[0]
         logp = hidden.new_empty(N, dtype=acc)
         lse = hidden.new_empty(N, dtype=acc)
         ent = hidden.new_empty(N if with_entropy else 0, dtype=acc)
+        buf = hidden.new_empty((min(chunk_size, N), V), dtype=acc)            # (c, V) logits
+        ebuf = torch.empty_like(buf) if with_entropy else None
         for s in range(0, N, chunk_size):
-            z = _chunk_logits(hidden[s:s + chunk_size], weight, temperature, acc)   # (c, V)
-            lse[s:s + chunk_size] = torch.logsumexp(z, dim=-1)
-            logp[s:s + chunk_size] = z.gather(1, targets[s:s + chunk_size, None])[:, 0] - lse[s:s + chunk_size]
-            if with_entropy:   # H = lse - sum_j p_j z_j
-                p = (z - lse[s:s + chunk_size, None]).exp_()
-                ent[s:s + chunk_size] = lse[s:s + chunk_size] - (p * z).sum(-1)
+            c = min(chunk_size, N - s)
+            z = _chunk_logits(hidden[s:s + c], weight, temperature, buf[:c])
+            m = z.amax(dim=-1, keepdim=True)                                    # (c, 1) for stability
+            target = z.gather(1, targets[s:s + c, None])[:, 0]
+            z.sub_(m)                                                           # z' = z - max
+            e = torch.exp(z, out=ebuf[:c]) if with_entropy else z.exp_()        # exp(z')
+            total = e.sum(-1)
+            lse[s:s + c] = m[:, 0] + total.log()
+            logp[s:s + c] = target - lse[s:s + c]
+            if with_entropy:   # H = lse - sum_j p_j z_j = log(total) - sum_j e_j z'_j / total
+                ent[s:s + c] = total.log() - z.mul_(e).sum(-1) / total
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         return (logp, ent) if with_entropy else logp
@@ -452,29 +463,34 @@ class _TokenLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
         T, C = ctx.temperature, ctx.chunk_size
         acc = lse.dtype
-        N = hidden.shape[0]
+        N, V = hidden.shape[0], weight.shape[0]
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp
         use_ent = ctx.with_entropy and g_ent is not None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        buf = hidden.new_empty((min(C, N), V), dtype=acc)
+        pbuf = torch.empty_like(buf) if use_ent else None
         rows = torch.arange(min(C, N), device=hidden.device)
         for s in range(0, N, C):
-            h = hidden[s:s + C]
-            c = h.shape[0]
-            logp_all = _chunk_logits(h, weight, T, acc).sub_(lse[s:s + C, None])   # (c, V) log p
-            p = logp_all.exp()
-            g = g_logp[s:s + C, None]
+            c = min(C, N - s)
+            h = hidden[s:s + c]
+            logp_all = _chunk_logits(h, weight, T, buf[:c]).sub_(lse[s:s + c, None])   # (c, V) log p
+            g = g_logp[s:s + c, None]
             if use_ent:   # dz = g (onehot - p) - g_H p (log p + H)
-                dz = logp_all.add_(ent[s:s + C, None]).mul_(p).mul_(-g_ent[s:s + C, None])
+                p = torch.exp(logp_all, out=pbuf[:c])
+                dz = logp_all.add_(ent[s:s + c, None]).mul_(p).mul_(-g_ent[s:s + c, None])
                 dz.sub_(p.mul_(g))
-            else:
-                dz = p.mul_(-g)
-            dz[rows[:c], targets[s:s + C]] += g[:, 0]
+            else:         # dz = g (onehot - p)
+                dz = logp_all.exp_().mul_(-g)
+            dz[rows[:c], targets[s:s + c]] += g[:, 0]
             if T != 1.0:
                 dz.div_(T)
             if need_h:
-                grad_h[s:s + C] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)
+                if hidden.dtype == acc:
+                    torch.mm(dz, weight, out=grad_h[s:s + c])
+                else:
+                    grad_h[s:s + c] = dz.to(weight.dtype) @ weight
             if need_w:
                 grad_w.addmm_(dz.t(), h.to(acc))
         grad_w = grad_w.to(weight.dtype) if need_w else None
