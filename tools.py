@@ -1,7 +1,48 @@
-"""Tools the agent can call: their schemas (shown to the model in the system prompt).
+"""The agent's tools: parsing tool calls, the crop tool, search backends, page visits, the cache.
+
+Read top to bottom:
+  1. TOOL_SCHEMAS and `parse_tool_calls`: model text -> validated calls, or error messages
+  2. `crop`: a region of an image, in the policy's box convention
+  3. search backends, one small class each with `search(query_or_image, k) -> [{title, url, snippet}]`:
+     LocalTextSearch (SQLite FTS5 BM25), LocalImageSearch (numpy descriptor), SerperSearch,
+     SerpAPISearch, SearxngSearch (HTTP, with bounded retries)
+  4. `visit`: fetch a page (http(s) only, public addresses only), HTML -> text, keep what fits `goal`
+  5. `Cache`: one SQLite file of tool results, keyed by a hash of (backend, tool, arguments)
+  6. `Toolbox.run(calls, images) -> Observation`: one turn's calls, concurrently; failures
+     become error observations, never exceptions
 
 The tool names and arguments are fixed by DESIGN.md: `crop`, `image_search`, `text_search`, `visit`.
 """
+import hashlib
+import html.parser
+import io
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+import sqlite3
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin, urlparse
+
+import numpy as np
+import requests
+from PIL import Image
+
+
+class ToolError(Exception):
+    """A failure the model should read about: the message is written for it, and is shown to it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Schemas and parsing
 
 # The JSON-schema of each tool's arguments, listed in the system prompt exactly as written here.
 TOOL_SCHEMAS = [
@@ -36,3 +77,756 @@ TOOL_SCHEMAS = [
             "required": ["url", "goal"]},
     },
 ]
+
+
+TOOL_NAMES = [t["name"] for t in TOOL_SCHEMAS]
+EXAMPLES = {
+    "crop": '{"name": "crop", "arguments": {"image": 0, "bbox": [x1, y1, x2, y2]}}',
+    "image_search": '{"name": "image_search", "arguments": {"image": 0}}',
+    "text_search": '{"name": "text_search", "arguments": {"query": "..."}}',
+    "visit": '{"name": "visit", "arguments": {"url": "https://...", "goal": "..."}}',
+}
+CALL_RE = re.compile(r"<tool_call>(.*?)(?:</tool_call>|(?=<tool_call>)|$)", re.DOTALL)
+FENCE_RE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+
+
+def _check_arguments(name, args):
+    """Type-check one call's arguments against its schema; returns the cleaned arguments."""
+    schema = next(t for t in TOOL_SCHEMAS if t["name"] == name)["parameters"]
+    props, required = schema["properties"], schema["required"]
+    unknown = sorted(set(args) - set(props))
+    if unknown:
+        raise ToolError(f"{name} takes no argument(s) {unknown}; its arguments are {sorted(props)}")
+    for key in required:
+        if key not in args:
+            raise ToolError(f"{name} needs the argument {key!r}")
+    out = {}
+    for key, value in args.items():
+        kind = props[key]["type"]
+        if kind == "integer" and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ToolError(f"{name}: {key!r} must be an integer, got {json.dumps(value)}")
+        if kind == "string" and not (isinstance(value, str) and value.strip()):
+            raise ToolError(f"{name}: {key!r} must be a non-empty string, got {json.dumps(value)}")
+        if kind == "array" and not (isinstance(value, list) and len(value) == 4):
+            raise ToolError(f"{name}: {key!r} must be a list of 4 numbers [x1, y1, x2, y2], got {json.dumps(value)}")
+        out[key] = value
+    for key, prop in props.items():
+        if key not in out and "default" in prop:
+            out[key] = prop["default"]
+    return out
+
+
+def parse_tool_calls(text):
+    """Every <tool_call>{...}</tool_call> block of an assistant turn, in order.
+
+    Returns (calls, errors): calls are {"name", "arguments"} dicts that passed the schema check;
+    errors are messages for the model saying what was wrong and the correct form. Tolerates
+    whitespace and ``` fences inside a block; never raises."""
+    calls, errors = [], []
+    try:
+        if text.count("</tool_call>") > text.count("<tool_call>"):
+            errors.append("found </tool_call> without an opening <tool_call>")
+        for i, m in enumerate(CALL_RE.finditer(text), start=1):
+            body = FENCE_RE.sub("", m.group(1).strip()).strip()
+            closed = m.group(0).endswith("</tool_call>")
+            try:
+                if not closed:
+                    raise ToolError("the block is not closed with </tool_call>")
+                try:
+                    call = json.loads(body)
+                except json.JSONDecodeError as e:
+                    raise ToolError(f"the block is not valid JSON ({e.msg} at char {e.pos})") from None
+                if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                    raise ToolError('the block must be a JSON object with "name" and "arguments"')
+                if call["name"] not in TOOL_NAMES:
+                    raise ToolError(f"unknown tool {call['name']!r}; the tools are {', '.join(TOOL_NAMES)}")
+                args = call.get("arguments", {})
+                if isinstance(args, str):   # some models double-encode the arguments
+                    try:
+                        args = json.loads(args)
+                    except json.JSONDecodeError:
+                        raise ToolError('"arguments" must be a JSON object') from None
+                if not isinstance(args, dict):
+                    raise ToolError('"arguments" must be a JSON object')
+                calls.append({"name": call["name"], "arguments": _check_arguments(call["name"], args)})
+            except ToolError as e:
+                name = re.search(r'"name"\s*:\s*"(\w+)"', body)
+                example = EXAMPLES.get(name.group(1) if name else "", EXAMPLES["text_search"])
+                errors.append(f"tool call {i}: {e}. Correct form: <tool_call>{example}</tool_call>")
+    except Exception as e:   # belt and braces: parsing must never take a rollout down
+        errors.append(f"could not parse tool calls: {type(e).__name__}")
+    return calls, errors
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The crop tool
+
+
+@dataclass
+class CropSettings:
+    """Limits on crops. Boxes smaller than `min_side` source pixels or more elongated than
+    `max_aspect` are refused; crops shorter than `upscale_to` on their short side are upscaled
+    to it (small regions are unreadable otherwise); crops are downscaled to at most `max_pixels`."""
+    min_side: int = 4
+    max_aspect: float = 50.0
+    upscale_to: int = 224
+    max_pixels: int = 1024 * 1024
+
+
+def crop(image, bbox, convention, shown_size=None, settings=CropSettings()):
+    """The region `bbox` = [x1, y1, x2, y2] of `image` (PIL) as a new PIL image.
+
+    convention: "abs" (pixels of the image as shown to the model, `shown_size` = (w, h),
+    default the image's own size), "rel1000" (0-1000) or "rel" (0-1). Corners may come in any
+    order; the box is clamped to the image. Raises ToolError for a box that can't be used."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+        raise ToolError(f"bbox must be [x1, y1, x2, y2], got {json.dumps(bbox, default=str)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
+        raise ToolError(f"bbox must hold 4 finite numbers, got {json.dumps(bbox, default=str)}")
+    W, H = image.size
+    sw, sh = {"abs": shown_size or (W, H), "rel1000": (1000, 1000), "rel": (1, 1)}[convention]
+    x1, y1, x2, y2 = bbox
+    x1, x2 = sorted((x1 * W / sw, x2 * W / sw))
+    y1, y2 = sorted((y1 * H / sh, y2 * H / sh))
+    x1, x2 = max(0, min(W, x1)), max(0, min(W, x2))
+    y1, y2 = max(0, min(H, y1)), max(0, min(H, y2))
+    box = (round(x1), round(y1), round(x2), round(y2))
+    w, h = box[2] - box[0], box[3] - box[1]
+    if w <= 0 or h <= 0:
+        raise ToolError(f"bbox {bbox} is empty after clamping to the image "
+                        f"({sw}x{sh} in {convention} coordinates)")
+    if min(w, h) < settings.min_side:
+        raise ToolError(f"bbox {bbox} is too small ({w}x{h} px); make each side at least "
+                        f"{settings.min_side} px of the original image")
+    if max(w, h) / min(w, h) > settings.max_aspect:
+        raise ToolError(f"bbox {bbox} is too thin (aspect {max(w, h) / min(w, h):.0f}:1, at most "
+                        f"{settings.max_aspect:.0f}:1)")
+    out = image.crop(box)
+    scale = max(1.0, settings.upscale_to / min(w, h))
+    scale = min(scale * 1.0, math.sqrt(settings.max_pixels / (w * h)))
+    if abs(scale - 1.0) > 1e-6:
+        out = out.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Search backends: local (offline) and HTTP. Each has a `name` (part of the cache key) and
+#    `search(query_or_image, k) -> [{"title", "url", "snippet"}]`, raising ToolError on failure.
+
+
+def words(text):
+    return re.findall(r"\w+", text.lower())
+
+
+class LocalTextSearch:
+    """BM25 over a JSONL corpus (`id, title, url, text` a line) with SQLite FTS5. The index is
+    built once into `<corpus>.fts.sqlite` beside the corpus (rebuilt when the corpus changes).
+    Also the local page store that `visit` reads from."""
+    name = "local"
+
+    def __init__(self, corpus):
+        self.corpus = Path(corpus)
+        if not self.corpus.exists():
+            raise FileNotFoundError(f"LocalTextSearch: no corpus at {str(self.corpus)!r} (JSONL of "
+                                    "id, title, url, text); build one with data/toyworld/prepare.py")
+        self.index = self.corpus.with_name(self.corpus.name + ".fts.sqlite")
+        stamp = f"{self.corpus.stat().st_size}-{self.corpus.stat().st_mtime_ns}"
+        with self._connect() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            row = db.execute("SELECT value FROM meta WHERE key = 'stamp'").fetchone()
+            if row is None or row[0] != stamp:
+                self._build(db, stamp)
+
+    def _connect(self):
+        return sqlite3.connect(self.index, timeout=30)
+
+    def _build(self, db, stamp):
+        db.execute("DROP TABLE IF EXISTS docs")
+        db.execute("CREATE VIRTUAL TABLE docs USING fts5(title, text, url UNINDEXED, id UNINDEXED)")
+        with open(self.corpus, encoding="utf-8") as f:
+            rows = []
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    d = json.loads(line)
+                    rows.append((d.get("title", ""), d["text"], d.get("url", ""), str(d.get("id", n))))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ValueError(f"{self.corpus}:{n}: want a JSON object with at least 'text'") from None
+        db.executemany("INSERT INTO docs (title, text, url, id) VALUES (?, ?, ?, ?)", rows)
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('stamp', ?)", (stamp,))
+
+    def search(self, query, k=5):
+        if not isinstance(query, str):
+            raise ToolError("text search needs a text query")
+        terms = words(query)
+        if not terms:
+            return []
+        # Every term quoted: FTS5 operators, quotes and parentheses in the query lose their meaning.
+        match = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
+        with self._connect() as db:
+            rows = db.execute("SELECT title, url, snippet(docs, 1, '', '', '...', 24) FROM docs "
+                              "WHERE docs MATCH ? ORDER BY bm25(docs) LIMIT ?", (match, k)).fetchall()
+        return [{"title": t, "url": u, "snippet": s} for t, u, s in rows]
+
+    def fetch(self, url):
+        """The page store: (title, text) of the corpus document with this url."""
+        with self._connect() as db:
+            row = db.execute("SELECT title, text FROM docs WHERE url = ?", (url,)).fetchone()
+        if row is None:
+            raise ToolError(f"no page at {url} (local page store)")
+        return row
+
+
+def image_descriptor(image):
+    """A fast deterministic descriptor: a 16x16 colour thumbnail (layout) and a 4x4x4 colour
+    histogram (content), each L2-normalised, concatenated. Cosine similarity compares them."""
+    rgb = np.asarray(image.convert("RGB").resize((16, 16), Image.BILINEAR), dtype=np.float32) / 255.0
+    thumb = (rgb - rgb.mean(axis=(0, 1))).ravel()
+    bins = (np.asarray(image.convert("RGB").resize((64, 64), Image.BILINEAR)) // 64).reshape(-1, 3)
+    hist = np.bincount(bins[:, 0] * 16 + bins[:, 1] * 4 + bins[:, 2], minlength=64).astype(np.float32)
+    parts = [v / (np.linalg.norm(v) + 1e-8) for v in (thumb, np.sqrt(hist))]
+    out = np.concatenate(parts)
+    return out / np.linalg.norm(out)
+
+
+class LocalImageSearch:
+    """Nearest neighbours over an on-disk image index: a JSONL of `image, title, url, snippet`
+    (image paths relative to the index file). Descriptors are computed once and cached in
+    `<index>.npy`. `embed_model` names a transformers image model (a folder or hub id with
+    `get_image_features`, e.g. a CLIP) to use instead of the numpy descriptor."""
+    name = "local"
+
+    def __init__(self, index, embed_model=None):
+        self.index = Path(index)
+        if not self.index.exists():
+            raise FileNotFoundError(f"LocalImageSearch: no image index at {str(self.index)!r} (JSONL of "
+                                    "image, title, url, snippet); build one with data/toyworld/prepare.py")
+        self.entries = [json.loads(line) for line in self.index.read_text().splitlines() if line.strip()]
+        self.embed = self._embedder(embed_model) if embed_model else image_descriptor
+        if embed_model:
+            self.name = f"local:{embed_model}"
+        cache = self.index.with_name(self.index.name + (".emb.npy" if embed_model else ".npy"))
+        if cache.exists() and cache.stat().st_mtime_ns >= self.index.stat().st_mtime_ns:
+            self.vectors = np.load(cache)
+        else:
+            root = self.index.parent
+            vecs = []
+            for e in self.entries:
+                with Image.open(root / e["image"]) as im:
+                    vecs.append(self.embed(im))
+            self.vectors = np.stack(vecs) if vecs else np.zeros((0, 1), np.float32)
+            np.save(cache, self.vectors)
+
+    @staticmethod
+    def _embedder(name):
+        import torch
+        from transformers import AutoImageProcessor, AutoModel
+        model = AutoModel.from_pretrained(name).eval()
+        processor = AutoImageProcessor.from_pretrained(name, backend="pil")
+
+        def embed(image):
+            with torch.no_grad():
+                out = model.get_image_features(**processor(images=[image.convert("RGB")], return_tensors="pt"))
+            v = (out.pooler_output if hasattr(out, "pooler_output") else out)[0].float().numpy()
+            return v / (np.linalg.norm(v) + 1e-8)
+        return embed
+
+    def search(self, image, k=5):
+        if not isinstance(image, Image.Image):
+            raise ToolError("image search needs an image")
+        if not self.entries:
+            return []
+        scores = self.vectors @ self.embed(image)
+        top = np.argsort(-scores, kind="stable")[:k]
+        return [{"title": self.entries[i].get("title", ""), "url": self.entries[i].get("url", ""),
+                 "snippet": self.entries[i].get("snippet", "")} for i in top]
+
+
+@dataclass
+class HttpSettings:
+    """Timeouts and retries for HTTP backends: 429, 5xx, timeouts and connection errors are
+    retried `retries` times with exponential backoff (capped; a Retry-After header is honoured
+    up to the cap); other failures are reported at once."""
+    timeout: float = 15.0
+    retries: int = 2
+    backoff: float = 0.5
+    max_backoff: float = 8.0
+
+
+def http_json(method, url, provider, settings, **kwargs):
+    """One JSON API request with bounded retries. Messages never include the URL or headers,
+    which may carry an API key."""
+    for attempt in range(settings.retries + 1):
+        wait = settings.backoff * 2 ** attempt
+        try:
+            r = requests.request(method, url, timeout=settings.timeout, **kwargs)
+        except requests.Timeout:
+            problem = f"{provider} did not answer within {settings.timeout:g}s"
+        except requests.RequestException as e:
+            problem = f"{provider} could not be reached ({type(e).__name__})"
+        else:
+            if r.status_code == 429 or r.status_code >= 500:
+                problem = f"{provider} answered HTTP {r.status_code}"
+                retry_after = r.headers.get("Retry-After", "")
+                wait = float(retry_after) if retry_after.isdigit() else wait
+            elif r.status_code >= 400:
+                hint = " (check the API key)" if r.status_code in (401, 403) else ""
+                raise ToolError(f"{provider} answered HTTP {r.status_code}{hint}")
+            else:
+                try:
+                    return r.json()
+                except ValueError:
+                    kind = "an HTML page" if "html" in r.headers.get("content-type", "") else "invalid JSON"
+                    raise ToolError(f"{provider} returned {kind} instead of JSON") from None
+        if attempt < settings.retries:
+            time.sleep(min(wait, settings.max_backoff))
+    raise ToolError(f"{problem} (gave up after {settings.retries + 1} tries)")
+
+
+@dataclass
+class ImageHost:
+    """Where HTTP image search gets a public URL for an image: a folder you serve (any static
+    web server) and the URL prefix it is served at. Images are written as <sha1>.png."""
+    folder: str
+    url_prefix: str
+
+    def publish(self, image):
+        data = png_bytes(image)
+        name = hashlib.sha1(data).hexdigest() + ".png"
+        path = Path(self.folder) / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        return self.url_prefix.rstrip("/") + "/" + name
+
+
+def png_bytes(image):
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class _HttpSearch:
+    """Shared plumbing of the HTTP providers: key from the environment, image URLs, result shape."""
+    name = env_key = default_url = ""
+
+    def __init__(self, base_url=None, api_key=None, image_host=None, http=None):
+        self.base_url = (base_url or self.default_url).rstrip("/")
+        self.api_key = api_key if api_key is not None else os.environ.get(self.env_key, "") if self.env_key else ""
+        self.image_host, self.http = image_host, http or HttpSettings()
+
+    def _need_key(self):
+        if not self.api_key:
+            raise ToolError(f"{self.name} search is not configured: set {self.env_key} or pass api_key")
+
+    def _image_url(self, image):
+        if self.image_host is None:
+            raise ToolError(f"image search over {self.name} needs a public URL for the image: "
+                            "configure image_host (a served folder and its URL prefix)")
+        return self.image_host.publish(image)
+
+    def search(self, query_or_image, k=5):
+        self._need_key()
+        if isinstance(query_or_image, str):
+            items = self._text(query_or_image, k)
+        else:
+            url = self._image_url(query_or_image)
+            items = self._image(url, k)
+        if not isinstance(items, list):
+            raise ToolError(f"{self.name} returned an unexpected response shape")
+        out = []
+        for it in items[:k]:
+            if isinstance(it, dict):
+                out.append({"title": str(it.get("title", "")), "url": str(it.get("link") or it.get("url") or ""),
+                            "snippet": str(it.get("snippet") or it.get("content") or it.get("source") or "")})
+        return out
+
+
+class SerperSearch(_HttpSearch):
+    """serper.dev: POST /search {"q"} -> organic[]; POST /lens {"url"} -> organic[]."""
+    name, env_key, default_url = "serper", "SERPER_API_KEY", "https://google.serper.dev"
+
+    def _post(self, path, body):
+        headers = {"X-API-KEY": self.api_key, "Content-Type": "application/json"}
+        return http_json("POST", self.base_url + path, self.name, self.http, json=body, headers=headers)
+
+    def _text(self, query, k):
+        return self._post("/search", {"q": query, "num": k}).get("organic", [])
+
+    def _image(self, url, k):
+        return self._post("/lens", {"url": url}).get("organic", [])
+
+
+class SerpAPISearch(_HttpSearch):
+    """serpapi.com: GET /search.json engine=google -> organic_results[]; engine=google_lens -> visual_matches[]."""
+    name, env_key, default_url = "serpapi", "SERPAPI_API_KEY", "https://serpapi.com"
+
+    def _get(self, params):
+        params = dict(params, api_key=self.api_key)
+        return http_json("GET", self.base_url + "/search.json", self.name, self.http, params=params)
+
+    def _text(self, query, k):
+        return self._get({"engine": "google", "q": query, "num": k}).get("organic_results", [])
+
+    def _image(self, url, k):
+        return self._get({"engine": "google_lens", "url": url}).get("visual_matches", [])
+
+
+class SearxngSearch(_HttpSearch):
+    """A SearXNG instance's JSON API: GET /search?q=...&format=json -> results[] (text only;
+    the instance must have the json format enabled). base_url defaults to $SEARXNG_URL."""
+    name = "searxng"
+
+    def __init__(self, base_url=None, api_key=None, image_host=None, http=None):
+        super().__init__(base_url or os.environ.get("SEARXNG_URL", ""), api_key or "", image_host, http)
+
+    def _need_key(self):
+        if not self.base_url:
+            raise ToolError("searxng search is not configured: set SEARXNG_URL or pass base_url")
+
+    def _text(self, query, k):
+        return http_json("GET", self.base_url + "/search", self.name, self.http,
+                         params={"q": query, "format": "json"}).get("results", [])
+
+    def _image_url(self, image):
+        raise ToolError("searxng has no reverse image search; use text_search, or the serper/serpapi backend")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Page visits: fetch (safely), HTML -> text, keep the passages most relevant to the goal
+
+
+class _TextExtractor(html.parser.HTMLParser):
+    """HTML -> paragraphs, dropping scripts, styles and page furniture (nav, header, footer...)."""
+    SKIP = {"script", "style", "noscript", "nav", "header", "footer", "aside", "form", "svg", "iframe", "template"}
+    BLOCK = {"p", "div", "li", "br", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article",
+             "blockquote", "pre", "td", "th", "dd", "dt", "main", "table", "ul", "ol"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.skip, self.title, self.in_title = 0, "", False
+        self.paragraphs, self.current = [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self.skip += 1
+        elif tag == "title":
+            self.in_title = True
+        elif tag in self.BLOCK:
+            self._flush()
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP:
+            self.skip = max(0, self.skip - 1)
+        elif tag == "title":
+            self.in_title = False
+        elif tag in self.BLOCK:
+            self._flush()
+
+    def handle_data(self, data):
+        if self.in_title:
+            self.title += data
+        elif not self.skip:
+            self.current.append(data)
+
+    def _flush(self):
+        text = " ".join("".join(self.current).split())
+        if text:
+            self.paragraphs.append(text)
+        self.current = []
+
+
+def html_to_text(page):
+    """(title, text) of an HTML page; paragraphs separated by blank lines."""
+    parser = _TextExtractor()
+    parser.feed(page)
+    parser.close()
+    parser._flush()
+    return " ".join(parser.title.split()), "\n\n".join(parser.paragraphs)
+
+
+def check_public_url(url, allow_private=False):
+    """Refuse non-http(s) URLs and, unless allowed, hosts that resolve to loopback, private,
+    link-local or otherwise non-public addresses: the URL comes from model output."""
+    parts = urlparse(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ToolError(f"visit only opens http(s) URLs, got {url[:100]!r}")
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError):
+        raise ToolError(f"cannot resolve host {parts.hostname!r}") from None
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not ip.is_global:
+            raise ToolError(f"visit refuses {parts.hostname} ({ip}): not a public address")
+
+
+class WebPages:
+    """Fetches pages over HTTP: timeout, size cap, content-type check, redirects re-checked."""
+    name = "web"
+    TYPES = ("text/html", "text/plain", "application/xhtml+xml")
+
+    def __init__(self, timeout=15.0, max_bytes=2_000_000, allow_private=False, max_redirects=5):
+        self.timeout, self.max_bytes = timeout, max_bytes
+        self.allow_private, self.max_redirects = allow_private, max_redirects
+
+    def fetch(self, url):
+        for _ in range(self.max_redirects + 1):
+            check_public_url(url, self.allow_private)
+            try:
+                r = requests.get(url, timeout=self.timeout, stream=True, allow_redirects=False,
+                                 headers={"User-Agent": "mmsearch-r1/0.1 (research agent)"})
+            except requests.Timeout:
+                raise ToolError(f"{url} did not answer within {self.timeout:g}s") from None
+            except requests.RequestException as e:
+                raise ToolError(f"could not fetch {url} ({type(e).__name__})") from None
+            with r:
+                if r.is_redirect and "location" in r.headers:
+                    url = urljoin(url, r.headers["location"])
+                    continue
+                if r.status_code >= 400:
+                    raise ToolError(f"{url} answered HTTP {r.status_code}")
+                ctype = r.headers.get("content-type", "text/html").split(";")[0].strip().lower()
+                if ctype not in self.TYPES:
+                    raise ToolError(f"{url} is {ctype}, not a web page")
+                body = b""
+                for chunk in r.iter_content(65536):
+                    body += chunk
+                    if len(body) >= self.max_bytes:
+                        break
+                text = body[:self.max_bytes].decode(r.encoding or "utf-8", errors="replace")
+            return html_to_text(text) if ctype != "text/plain" else ("", text)
+        raise ToolError(f"{url}: more than {self.max_redirects} redirects")
+
+
+def bm25_rank(query, passages, k1=1.5, b=0.75):
+    """Indices of `passages` from most to least relevant to `query` (Okapi BM25; ties keep order)."""
+    docs = [Counter(words(p)) for p in passages]
+    n = len(docs)
+    avg = sum(sum(d.values()) for d in docs) / max(n, 1) or 1.0
+    df = Counter(t for d in docs for t in d)
+    q = set(words(query))
+
+    def score(d):
+        length = sum(d.values())
+        return sum(math.log(1 + (n - df[t] + 0.5) / (df[t] + 0.5)) * d[t] * (k1 + 1)
+                   / (d[t] + k1 * (1 - b + b * length / avg)) for t in q if t in d)
+    return sorted(range(n), key=lambda i: -score(docs[i]))
+
+
+def select_passages(text, goal, max_chars=3000):
+    """The paragraphs most relevant to `goal` (BM25), in page order, within `max_chars`."""
+    paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    chosen, used = [], 0
+    for i in bm25_rank(goal, paragraphs):
+        p = paragraphs[i]
+        if used + len(p) > max_chars:
+            if not chosen:   # one huge paragraph: cut it rather than return nothing
+                chosen.append(i)
+                paragraphs[i] = p[:max_chars] + "..."
+            continue
+        chosen.append(i)
+        used += len(p) + 2
+    return "\n\n".join(paragraphs[i] for i in sorted(chosen))
+
+
+def visit(url, goal, pages=None, max_chars=3000, allow_private=False):
+    """The page at `url` as clean text, cut to the passages most relevant to `goal`.
+    pages: where pages come from (WebPages by default; a LocalTextSearch serves its corpus)."""
+    pages = pages or WebPages(allow_private=allow_private)
+    title, text = pages.fetch(url)
+    body = select_passages(text, goal, max_chars)
+    return f"Title: {title}\nURL: {url}\n\n{body}" if title else f"URL: {url}\n\n{body}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The cache: one SQLite file (WAL), shared by threads and processes
+
+
+class Cache:
+    """Tool results keyed by a hash of (backend, tool, normalized arguments[, image bytes]).
+
+    max_age: seconds after which an entry is ignored (None: forever). cache_only: replay mode,
+    a miss is an error (for reproducible offline runs). Values are results only: API keys never
+    enter the key or the value."""
+
+    def __init__(self, path, max_age=None, cache_only=False):
+        self.path, self.max_age, self.cache_only = str(path), max_age, cache_only
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.local = threading.local()
+        db = self._db()
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT, time REAL)")
+        db.commit()
+
+    def _db(self):
+        if getattr(self.local, "db", None) is None:
+            self.local.db = sqlite3.connect(self.path, timeout=30)
+        return self.local.db
+
+    @staticmethod
+    def key(backend, tool, args, image=None):
+        h = hashlib.sha256(json.dumps([backend, tool, args], sort_keys=True).encode())
+        if image is not None:
+            h.update(png_bytes(image))
+        return h.hexdigest()
+
+    def get(self, key):
+        row = self._db().execute("SELECT value, time FROM results WHERE key = ?", (key,)).fetchone()
+        if row is None or (self.max_age is not None and time.time() - row[1] > self.max_age):
+            return None
+        return json.loads(row[0])
+
+    def put(self, key, value):
+        db = self._db()
+        db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", (key, json.dumps(value), time.time()))
+        db.commit()
+
+    def fetch(self, key, compute):
+        """The cached value, or compute() stored; in replay mode a miss is a ToolError."""
+        value = self.get(key)
+        if value is not None:
+            return value
+        if self.cache_only:
+            raise ToolError("this call is not in the cache (replay mode: cache_only is set)")
+        value = compute()
+        self.put(key, value)
+        return value
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The toolbox: one turn's calls, run concurrently, formatted as one observation
+
+
+@dataclass
+class Observation:
+    """A tool-response turn: `content` parts ({"type": "text"} / {"type": "image"}) for the chat
+    format, the new `images` (crops) in order, and a result per call for logging."""
+    content: list
+    images: list
+    results: list
+    errors: int = 0
+
+
+class Toolbox:
+    """The configured tools. `run(calls, images)` executes one turn's calls concurrently (threads),
+    each bounded by `call_timeout` seconds; any failure becomes an error observation.
+
+    text_search / image_search: backends (see section 3); pages: where `visit` reads pages
+    (WebPages, or a LocalTextSearch's corpus); convention / shown_size: the policy's crop-box
+    convention and image size as the model sees it; k: results per search; obs_chars: the
+    observation's text budget."""
+
+    def __init__(self, text_search=None, image_search=None, pages=None, cache=None, convention="abs",
+                 shown_size=None, k=5, call_timeout=60.0, obs_chars=4000, visit_chars=3000,
+                 crop_settings=CropSettings(), max_workers=8):
+        self.text_search, self.image_search, self.pages, self.cache = text_search, image_search, pages, cache
+        self.convention, self.shown_size = convention, shown_size
+        self.k, self.call_timeout, self.obs_chars, self.visit_chars = k, call_timeout, obs_chars, visit_chars
+        self.crop_settings = crop_settings
+        self.pool = ThreadPoolExecutor(max_workers=max_workers)
+        self.lock = threading.Lock()
+        self.stats = {name: Counter() for name in TOOL_NAMES}
+
+    def _cached(self, backend, tool, args, compute, image=None):
+        if self.cache is None:
+            return compute()
+        return self.cache.fetch(Cache.key(backend.name, tool, args, image), compute)
+
+    def _region(self, images, args):
+        i = args.get("image", 0)
+        if not 0 <= i < len(images):
+            raise ToolError(f"image {i} does not exist; images are numbered 0 to {len(images) - 1}")
+        image = images[i]
+        if args.get("bbox") is None:
+            return image
+        shown = self.shown_size(image) if (self.shown_size and self.convention == "abs") else None
+        return crop(image, args["bbox"], self.convention, shown, self.crop_settings)
+
+    def _call(self, call, images):
+        """One call -> (text, image or None). Raises ToolError on failure."""
+        name, args = call["name"], call["arguments"]
+        if name == "crop":
+            return "", self._region(images, args)
+        if name == "image_search":
+            if self.image_search is None:
+                raise ToolError("image_search is not available in this run")
+            region = self._region(images, args)
+            hits = self._cached(self.image_search, name, {"k": self.k}, lambda: self.image_search.search(region, self.k), region)
+            return format_results(hits), None
+        if name == "text_search":
+            if self.text_search is None:
+                raise ToolError("text_search is not available in this run")
+            query = " ".join(args["query"].split())
+            hits = self._cached(self.text_search, name, {"query": query.lower(), "k": self.k},
+                                lambda: self.text_search.search(query, self.k))
+            return format_results(hits), None
+        if name == "visit":
+            pages = self.pages or WebPages()
+            title, text = self._cached(pages, name, {"url": args["url"]}, lambda: list(pages.fetch(args["url"])))
+            body = select_passages(text, args["goal"], self.visit_chars)
+            return (f"Title: {title}\n" if title else "") + f"URL: {args['url']}\n\n{body}", None
+        raise ToolError(f"unknown tool {name!r}")
+
+    def run(self, calls, images, parse_errors=()):
+        """Execute one turn's calls. `images`: every image the agent has so far (0 = the question
+        image); crops are numbered after them. `parse_errors` (from parse_tool_calls) are shown too."""
+        futures = [self.pool.submit(self._call, call, list(images)) for call in calls]
+        deadline = time.monotonic() + self.call_timeout
+        content, new_images, results, errors = [], [], [], 0
+        budget = self.obs_chars // max(1, len(calls))
+        for n, (call, fut) in enumerate(zip(calls, futures), start=1):
+            head = f"[{n}] {call['name']} {json.dumps(call['arguments'], ensure_ascii=False)}"
+            try:
+                text, image = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                ok, err = True, None
+            except FutureTimeout:
+                ok, err = False, f"timed out after {self.call_timeout:g}s"
+            except ToolError as e:
+                ok, err = False, str(e)
+            except Exception as e:   # a bug or an odd backend: still an observation, never a crash
+                ok, err = False, f"{type(e).__name__}: {str(e)[:200]}"
+            with self.lock:
+                self.stats[call["name"]]["calls"] += 1
+                self.stats[call["name"]]["errors"] += not ok
+            results.append({"name": call["name"], "arguments": call["arguments"], "ok": ok, "error": err})
+            if not ok:
+                errors += 1
+                content.append({"type": "text", "text": f"{head}\nError: {err}\n"})
+            elif image is not None:
+                new_images.append(image)
+                number = len(images) + len(new_images) - 1
+                content.append({"type": "text", "text": f"{head}\nImage {number} ({image.width}x{image.height}):"})
+                content.append({"type": "image"})
+                content.append({"type": "text", "text": "\n"})
+            else:
+                text = text if len(text) <= budget else text[:budget] + "..."
+                content.append({"type": "text", "text": f"{head}\n{text}\n"})
+        for err in parse_errors:
+            errors += 1
+            content.append({"type": "text", "text": f"Error: {err}\n"})
+        if not calls and not parse_errors:
+            content.append({"type": "text", "text": "No tool call found. Call a tool or give <answer>...</answer>.\n"})
+        return Observation(merge_text(content), new_images, results, errors)
+
+
+def format_results(hits):
+    if not hits:
+        return "No results."
+    return "\n".join(f"{i}. {h['title']} ({h['url']})\n   {h['snippet']}" for i, h in enumerate(hits, 1))
+
+
+def merge_text(parts):
+    """Join neighbouring text parts so a tool turn is a few text runs around its images."""
+    out = []
+    for p in parts:
+        if p["type"] == "text" and out and out[-1]["type"] == "text":
+            out[-1] = {"type": "text", "text": out[-1]["text"] + p["text"]}
+        else:
+            out.append(dict(p))
+    if out and out[-1]["type"] == "text":
+        out[-1]["text"] = out[-1]["text"].rstrip("\n")
+    return out
