@@ -15,7 +15,8 @@ Usage:
     logp, _ = sequence_logprobs(policy, batch)                 # (B, L), 0 where loss_mask is 0
 """
 import json
-import math
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -550,3 +551,336 @@ def sequence_logprobs(policy, batch, temperature=1.0, with_entropy=False):
         ent = hidden.new_zeros((B, L), dtype=torch.float32)
         ent[:, 1:][mask] = ent_n.float()
     return logp, ent
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The multi-turn rollout loop
+#
+# Our own decoding over model.forward with a KV cache, in calling order:
+#   rollout -> run_turn -> prefill (new tokens of every row, batched) -> decode_one_token (repeat)
+#           -> run_tools (every row's calls, concurrently) -> add_message("tool") -> next turn
+#
+# Each row (one sample of one task) keeps its own keys/values between turns, with no holes. A
+# phase of the loop stacks the active rows into one batch cache, left-padding shorter rows (the
+# padding is masked out); a new segment is right-padded. Positions are passed explicitly, so
+# padding never shifts a row's rotary positions. Rows that end their turn are split off at once
+# and stop costing compute. Only tokens not yet in a row's cache are ever run through the model:
+# the prompt once, then per turn the closing <|im_end|>, the tool response and the next header.
+
+FINISH_REASONS = ("answer", "no_answer", "max_turns", "max_context", "max_images", "truncated",
+                  "repetition", "tool_errors")
+OVER_TURN = ("max_turns", "max_context", "max_images")   # stopped by a budget while still working
+
+
+@dataclass
+class Row:
+    """Rollout state of one trajectory: what its KV cache holds and where its positions are."""
+    traj: Trajectory
+    task: dict
+    kv: list | None = None        # per layer (keys, values), each (1, heads, n_cached, head_dim)
+    n_cached: int = 0             # tokens of traj.input_ids whose keys/values are in kv
+    next_pos: int = 0             # rotary position of the next token
+    tool_failures: int = 0        # consecutive turns whose calls all failed
+    turn_tokens: list = field(default_factory=list)
+    turn_logprobs: list = field(default_factory=list)
+    turn_end: str | None = None   # "im_end" | "length" | "repetition" | "max_context" | "forced"
+    stats: dict = field(default_factory=lambda: {"generated_tokens": 0, "prefill_tokens": 0,
+                                                 "tool_calls": Counter(), "tool_errors": Counter()})
+
+
+class KVBatch:
+    """The rows decoding together: one DynamicCache (B, heads, T, head_dim) and its validity mask."""
+
+    def __init__(self, rows, device):
+        from transformers import DynamicCache
+        self.rows = rows
+        T = max(r.n_cached for r in rows)
+        self.mask = torch.zeros((len(rows), T), dtype=torch.long, device=device)
+        layers = []
+        if T > 0:
+            n_layers = len(rows[0].kv)
+            for layer in range(n_layers):
+                k0, v0 = rows[0].kv[layer]
+                k = k0.new_zeros((len(rows), k0.shape[1], T, k0.shape[3]))
+                v = v0.new_zeros((len(rows), v0.shape[1], T, v0.shape[3]))
+                for b, r in enumerate(rows):              # left-pad: a row's tokens end at T
+                    k[b, :, T - r.n_cached:] = r.kv[layer][0][0]
+                    v[b, :, T - r.n_cached:] = r.kv[layer][1][0]
+                layers.append((k, v))
+        for b, r in enumerate(rows):
+            self.mask[b, T - r.n_cached:] = 1
+        self.cache = DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
+
+    def split_off(self, done):
+        """Move rows `done` (batch indices) out: each gets its own keys/values without padding."""
+        if not done:
+            return
+        kvs = [(layer[0], layer[1]) for layer in self.cache]
+        for b in done:
+            valid = self.mask[b].bool()
+            self.rows[b].kv = [(k[b:b + 1, :, valid].clone(), v[b:b + 1, :, valid].clone()) for k, v in kvs]
+        keep = [b for b in range(len(self.rows)) if b not in set(done)]
+        self.rows = [self.rows[b] for b in keep]
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask[index]
+        self.cache.batch_select_indices(index)
+
+
+def repeats_itself(tokens, max_n=16, min_repeats=4, min_span=48):
+    """True when the tail of `tokens` is one n-gram (n <= max_n) repeated: at least
+    `min_repeats` times and over at least `min_span` tokens. A model stuck in a loop."""
+    for n in range(1, max_n + 1):
+        span = max(n * min_repeats, min_span)
+        if len(tokens) >= span and tokens[-span:-n] == tokens[-span + n:]:
+            return True
+    return False
+
+
+def sample(logits, temperature, top_p, generator):
+    """Sample one token per row from (B, V) logits. Returns tokens (B,) and their float32 log-probs
+    under the temperature-scaled distribution (before top-p truncation), the distribution
+    sequence_logprobs(..., temperature) recomputes. Temperature 0 is greedy (log-probs at T = 1)."""
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    logp = torch.log_softmax(logits / temperature, -1)
+    probs = logp.exp()
+    if top_p < 1.0:   # nucleus: keep the smallest set of tokens whose mass reaches top_p
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        probs = probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
+    tokens = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+
+
+def _segment_positions(policy, row):
+    """Rotary positions (3, n) of the row's uncached tokens, from get_rope_index over its whole
+    sequence (DESIGN.md: the same positions a full forward would use)."""
+    ids = torch.tensor([row.traj.input_ids])
+    grids = torch.stack([g for _, g in row.traj.image_inputs]) if row.traj.image_inputs else None
+    pos, _ = policy.model.model.get_rope_index(ids, mm_token_type_ids=(ids == policy.ids["image_pad"]).long(),
+                                               image_grid_thw=grids)
+    return pos[:, 0, row.n_cached:], int(pos.max()) + 1
+
+
+def _lm_head(policy, hidden):
+    return policy.model.get_output_embeddings()(hidden)
+
+
+@torch.no_grad()
+def prefill(policy, rows, temperature):
+    """Run every row's uncached tokens (prompt, or tool response + header, plus any forced
+    assistant text) through the model in one batch. Returns the KVBatch and the (B, V) logits at
+    each row's last token. Forced tokens get their log-probs from these logits (teacher forcing)."""
+    batch = KVBatch(rows, policy.device)
+    segs = [r.traj.input_ids[r.n_cached:] for r in rows]
+    B, n = len(rows), max(len(s) for s in segs)
+    ids = torch.full((B, n), policy.ids["endoftext"], dtype=torch.long)
+    seg_mask = torch.zeros((B, n), dtype=torch.long)
+    positions = torch.zeros((3, B, n), dtype=torch.long)
+    pixels, grids = [], []
+    for b, (r, seg) in enumerate(zip(rows, segs)):
+        ids[b, :len(seg)] = torch.tensor(seg)
+        seg_mask[b, :len(seg)] = 1
+        pos, r.next_pos = _segment_positions(policy, r)
+        positions[:, b, :len(seg)] = pos
+        new_images = _uncached_images(policy, r)
+        pixels += [pv for pv, _ in new_images]
+        grids += [g for _, g in new_images]
+        r.stats["prefill_tokens"] += len(seg)
+    dev = policy.device
+    batch.mask = torch.cat([batch.mask, seg_mask.to(dev)], dim=1)
+    out = policy.model.model(
+        input_ids=ids.to(dev), attention_mask=batch.mask, position_ids=positions.to(dev),
+        past_key_values=batch.cache, use_cache=True,
+        pixel_values=torch.cat(pixels).to(dev) if pixels else None,
+        image_grid_thw=torch.stack(grids).to(dev) if grids else None)
+    hidden = out.last_hidden_state                                       # (B, n, H)
+    last = torch.tensor([len(s) - 1 for s in segs], device=dev)
+    logits = _lm_head(policy, hidden[torch.arange(B, device=dev), last])  # (B, V)
+    for b, (r, seg) in enumerate(zip(rows, segs)):
+        if r.turn_end == "forced":   # log p(token i) comes from the hidden state at i - 1
+            forced = range(len(r.traj.input_ids) - len(r.turn_tokens), len(r.traj.input_ids))
+            at = torch.tensor([i - 1 - r.n_cached for i in forced], device=dev)
+            z = _lm_head(policy, hidden[b, at]).float()
+            t = torch.tensor([r.traj.input_ids[i] for i in forced], device=dev)
+            lp = torch.log_softmax(z / (temperature or 1.0), -1).gather(1, t[:, None])[:, 0]
+            for i, v in zip(forced, lp.tolist()):
+                r.traj.logprobs[i] = v
+        r.n_cached = len(r.traj.input_ids)
+    return batch, logits
+
+
+def _uncached_images(policy, row):
+    """(pixel_values, grid) of the images whose pad tokens are not in the row's cache yet."""
+    n_cached_pads = row.traj.input_ids[:row.n_cached].count(policy.ids["image_pad"])
+    out, seen = [], 0
+    for pv, g in row.traj.image_inputs:
+        if seen >= n_cached_pads:
+            out.append((pv, g))
+        seen += int(g.prod()) // policy.merge_size ** 2
+    return out
+
+
+@torch.no_grad()
+def decode_one_token(policy, batch, tokens):
+    """Feed one token per row (B,), append it to the cache; returns the next (B, V) logits."""
+    dev = policy.device
+    batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+    pos = torch.tensor([r.next_pos for r in batch.rows], device=dev).view(1, -1, 1).expand(3, -1, 1)
+    out = policy.model.model(input_ids=tokens.view(-1, 1).to(dev), attention_mask=batch.mask,
+                             position_ids=pos, past_key_values=batch.cache, use_cache=True)
+    for r in batch.rows:
+        r.next_pos += 1
+    return _lm_head(policy, out.last_hidden_state[:, -1])
+
+
+def run_turn(policy, rows, limits, generator):
+    """One assistant turn for `rows`: prefill, then sample until every row has ended its turn."""
+    batch, logits = prefill(policy, rows, limits["temperature"])
+    live = [r.turn_end is None for r in batch.rows]   # forced rows are already done
+    batch.split_off([b for b, alive in enumerate(live) if not alive])
+    logits = logits[torch.tensor(live, device=logits.device)] if not all(live) else logits
+    while batch.rows:
+        tokens, logp = sample(logits, limits["temperature"], limits["top_p"], generator)
+        done = []
+        for b, (r, t, lp) in enumerate(zip(batch.rows, tokens.tolist(), logp.tolist())):
+            r.turn_tokens.append(t)
+            r.turn_logprobs.append(lp)
+            r.stats["generated_tokens"] += 1
+            if t in policy.eos_ids:
+                r.turn_end = "im_end"
+            elif len(r.turn_tokens) >= limits["max_new_tokens"]:
+                r.turn_end = "length"
+            elif r.n_cached + len(r.turn_tokens) >= limits["max_context"]:
+                r.turn_end = "max_context"
+            elif repeats_itself(r.turn_tokens):
+                r.turn_end = "repetition"
+            if r.turn_end:
+                done.append(b)
+        keep = [b for b in range(len(batch.rows)) if b not in done]
+        batch.split_off(done)
+        if not batch.rows:
+            break
+        logits = decode_one_token(policy, batch, tokens[torch.tensor(keep, device=tokens.device)])
+    # the sampled tokens are in the trajectory; all but the last are in the cache (n_cached)
+    for r in rows:
+        if r.turn_end != "forced":
+            last_fed = len(r.turn_tokens) - 1
+            r.traj.append(r.turn_tokens, 1, r.turn_logprobs)
+            r.n_cached += last_fed
+
+
+def _end(row, reason):
+    row.traj.finish_reason = reason
+    row.traj.meta["over_turn"] = reason in OVER_TURN
+    row.kv = None   # free the cache
+
+
+def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_context=8192, max_images=8,
+            temperature=1.0, top_p=1.0, seed=0, max_batch=16, max_tool_failures=3, forced=None,
+            system=None, progress=True):
+    """Sample `n` multi-turn trajectories per task, all rows decoding together.
+
+    tasks: dicts with `image` (path(s) or PIL images), `question`, `id`. toolbox: a tools.Toolbox
+    (or anything with `run(calls, images, parse_errors) -> Observation`).
+    Limits: max_turns (assistant turns), max_new_tokens (per turn), max_context (tokens),
+    max_images (question images plus crops), max_batch (rows decoding at once: bounds memory),
+    max_tool_failures (consecutive turns whose calls all failed).
+    forced: optional callable (task, turn) -> assistant text or None; forced text is scored by
+    the model (its log-probs recorded) instead of sampled. For tests and oracle trajectories.
+    Returns trajectories in task order (n per task), each with finish_reason, tool_calls,
+    per-token sampling log-probs and meta["stats"], meta["over_turn"]."""
+    from tqdm.auto import tqdm
+
+    limits = dict(max_new_tokens=max_new_tokens, max_context=max_context, temperature=temperature, top_p=top_p)
+    generator = torch.Generator().manual_seed(seed)
+    rows = [Row(new_trajectory(policy, task, system), task) for task in tasks for _ in range(n)]
+    left = Counter(i // n for i in range(len(rows)))
+    bar = tqdm(total=len(tasks), desc="rollout", unit="task", disable=not progress)
+    header = [policy.ids["im_start"]] + policy.encode_text("assistant\n")
+    for start in range(0, len(rows), max_batch):
+        group = rows[start:start + max_batch]
+        t0 = time.time()
+        active = list(group)
+        for r in active:
+            if len(r.traj.images) > max_images:
+                _end(r, "max_images")
+            elif len(r.traj.input_ids) + len(header) >= max_context:
+                _end(r, "max_context")
+        active = [r for r in active if r.traj.finish_reason is None]
+        turn = 0
+        while active:
+            for r in active:   # the assistant header, then forced text if any
+                r.traj.append(header, 0)
+                r.turn_tokens, r.turn_logprobs, r.turn_end = [], [], None
+                text = forced(r.task, turn) if forced else None
+                if text is not None:
+                    ids = policy.encode_text(text) + [policy.ids["im_end"]]
+                    r.traj.append(ids, 1)
+                    r.turn_tokens, r.turn_end = ids, "forced"
+            run_turn(policy, active, limits, generator)
+            turn += 1
+            for r in active:
+                r.traj.turns = turn
+                if r.turn_end in ("im_end", "forced"):
+                    r.traj.append(policy.encode_text("\n"), 0)
+            active = _after_turn(policy, active, toolbox, turn, max_turns, max_images, max_context,
+                                 max_tool_failures, header)
+        dt = time.time() - t0
+        for i, r in enumerate(group, start):
+            r.traj.meta["stats"] = {**r.stats, "tool_calls": dict(r.stats["tool_calls"]),
+                                    "tool_errors": dict(r.stats["tool_errors"]), "wall_time": dt}
+            left[i // n] -= 1
+            bar.update(left[i // n] == 0)
+    bar.close()
+    return [r.traj for r in rows]
+
+
+def _after_turn(policy, rows, toolbox, turn, max_turns, max_images, max_context, max_tool_failures, header):
+    """Read each row's turn: finish it, or run its tool calls and append the tool response.
+    Every row's calls of this turn run concurrently. Returns the rows that go on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tools import parse_tool_calls
+
+    work = []
+    for r in rows:
+        body = [t for t in r.turn_tokens if t not in policy.eos_ids]
+        text = policy.tokenizer.decode(body, skip_special_tokens=False)
+        r.traj.messages.append({"role": "assistant", "content": text})
+        calls, errors = parse_tool_calls(text)
+        if r.turn_end in ("length", "repetition", "max_context"):
+            _end(r, {"length": "truncated"}.get(r.turn_end, r.turn_end))
+        elif "<answer>" in text:
+            _end(r, "answer")
+        elif not calls and not errors:
+            _end(r, "no_answer")
+        elif turn >= max_turns:
+            _end(r, "max_turns")
+        else:
+            work.append((r, calls, errors))
+    if not work:
+        return []
+    with ThreadPoolExecutor(max_workers=len(work)) as pool:
+        observations = list(pool.map(lambda w: toolbox.run(w[1], list(w[0].traj.images), w[2]), work))
+    going = []
+    for (r, calls, errors), obs in zip(work, observations):
+        for res in obs.results:
+            r.stats["tool_calls"][res["name"]] += 1
+            r.stats["tool_errors"][res["name"]] += not res["ok"]
+            r.traj.tool_calls.append({"turn": turn, **res})
+        n_tried = len(calls) + len(errors)
+        r.tool_failures = r.tool_failures + 1 if obs.errors >= n_tried else 0
+        if r.tool_failures >= max_tool_failures:
+            _end(r, "tool_errors")
+        elif len(r.traj.images) + len(obs.images) > max_images:
+            _end(r, "max_images")
+        else:
+            add_message(policy, r.traj, "tool", obs.content, obs.images)
+            if len(r.traj.input_ids) + len(header) + 1 >= max_context:
+                _end(r, "max_context")
+            else:
+                going.append(r)
+    return going

@@ -1,0 +1,131 @@
+"""The hand-written rollout loop: equality with model.generate, log-probs equal sequence_logprobs
+after multi-turn rollouts with crops, batching invariance, limits and finish reasons."""
+import pytest
+import torch
+from PIL import Image
+
+import mmsearch_r1 as core
+import tools
+
+CROP0 = '<think>zoom in</think><tool_call>{"name": "crop", "arguments": {"bbox": [0, 0, 60, 40]}}</tool_call>'
+CROP1 = '<tool_call>{"name": "crop", "arguments": {"image": 1, "bbox": [4, 4, 40, 30]}}</tool_call>'
+SEARCH = '<tool_call>{"name": "text_search", "arguments": {"query": "red tower"}}</tool_call>'
+ANSWER = "<think>done</think><answer>Paris</answer>"
+
+
+def task(i=0, size=(120, 90), question="What is this?"):
+    return {"id": f"t{i}", "image": Image.new("RGB", size, (200, 10 * i, 10)), "question": question}
+
+
+def script(*turns):
+    """forced= callable: the given text for each turn, then sampling (None)."""
+    return lambda task, turn: turns[turn] if turn < len(turns) else None
+
+
+BOX = tools.Toolbox(crop_settings=tools.CropSettings(upscale_to=28))
+
+
+@pytest.mark.parametrize("fixture", ["policy", "policy3"])
+def test_greedy_matches_generate(fixture, request):
+    policy = request.getfixturevalue(fixture)
+    traj = core.rollout(policy, [task()], BOX, temperature=0, max_turns=1, max_new_tokens=24, progress=False)[0]
+    prompt = core.new_trajectory(policy, task())
+    prompt.append([policy.ids["im_start"]] + policy.encode_text("assistant\n"), 0)
+    b = core.collate(policy, [prompt])
+    out = policy.model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
+                                mm_token_type_ids=b["mm_token_type_ids"], do_sample=False, max_new_tokens=24)
+    theirs = out[0, b["input_ids"].shape[1]:].tolist()
+    ours = traj.input_ids[len(prompt.input_ids):]
+    assert ours[:len(theirs)] == theirs and len(ours) >= len(theirs) - 1
+
+
+@pytest.mark.parametrize("fixture", ["policy", "policy3"])
+def test_multi_turn_logprobs_equal_sequence_logprobs(fixture, request):
+    """Two forced crops (the second a crop of the first), then sampling: the log-probs recorded
+    while rolling out equal those recomputed on the finished trajectories in one forward."""
+    policy = request.getfixturevalue(fixture)
+    tasks = [task(0), task(1, (64, 150), "Which city is this tower in? " * 3)]
+    for T, top_p in [(1.0, 1.0), (0.7, 0.9)]:
+        trajs = core.rollout(policy, tasks, BOX, n=2, temperature=T, top_p=top_p, max_new_tokens=16,
+                             forced=script(CROP0, CROP1), seed=3, progress=False)
+        batch = core.collate(policy, trajs)
+        logp, _ = core.sequence_logprobs(policy, batch, temperature=T)
+        for i, t in enumerate(trajs):
+            assert len(t.images) == 3 and t.turns == 3
+            assert [c["name"] for c in t.tool_calls] == ["crop", "crop"]
+            mask = torch.tensor(t.loss_mask, dtype=torch.bool)
+            assert mask.sum() > 16 + 20
+            diff = (logp[i, :len(t.input_ids)][mask] - torch.tensor(t.logprobs)[mask]).abs().max()
+            assert diff < 1e-4, diff
+            assert all(lp == 0.0 for lp, m in zip(t.logprobs, t.loss_mask) if not m)
+            stats = t.meta["stats"]
+            # every token is prefilled or generated exactly once: nothing is re-encoded
+            assert stats["prefill_tokens"] + stats["generated_tokens"] == len(t.input_ids)
+
+
+def test_batched_rows_equal_rows_alone(policy):
+    tasks = [task(0, (56, 56), "Hi?"), task(1, (200, 150), "A much longer question about this image? " * 6),
+             task(2, (90, 60), "Mid-length question here?")]
+    forced = script(CROP0)
+    together = core.rollout(policy, tasks, BOX, temperature=0, max_new_tokens=20, forced=forced, progress=False)
+    for t, traj in zip(tasks, together):
+        alone = core.rollout(policy, [t], BOX, temperature=0, max_new_tokens=20, forced=forced, progress=False)[0]
+        assert alone.input_ids == traj.input_ids
+        assert alone.logprobs == pytest.approx(traj.logprobs, abs=1e-4)
+    small = core.rollout(policy, tasks, BOX, temperature=0, max_new_tokens=20, forced=forced, max_batch=2, progress=False)
+    assert [t.input_ids for t in small] == [t.input_ids for t in together]
+
+
+def test_forced_rollout_round_trips_through_records(policy, tmp_path):
+    traj = core.rollout(policy, [task()], BOX, forced=script(CROP0, ANSWER), progress=False)[0]
+    assert traj.finish_reason == "answer" and traj.turns == 2
+    record = core.trajectory_to_record(traj, image_dir=tmp_path)
+    again = core.trajectory_from_record(policy, record)
+    assert again.input_ids == traj.input_ids and again.loss_mask == traj.loss_mask
+
+
+@pytest.mark.parametrize("forced, limits, reason, over_turn", [
+    (script(ANSWER), {}, "answer", False),
+    (script("I am not sure."), {}, "no_answer", False),
+    (script(SEARCH, SEARCH, SEARCH), {"max_turns": 2}, "max_turns", True),
+    (script(CROP0, CROP0, CROP0), {"max_images": 2}, "max_images", True),
+    (script(CROP0, CROP0, CROP0), {"max_context": 720}, "max_context", True),
+    (script(), {"max_context": 640}, "max_context", True),
+    (script(), {"max_new_tokens": 5}, "truncated", False),
+    (script(), {"max_new_tokens": 200, "temperature": 0}, "repetition", False),
+    (script(*['<tool_call>{"name": "fly"}</tool_call>'] * 5), {"max_tool_failures": 2}, "tool_errors", False),
+])
+def test_finish_reasons(policy, forced, limits, reason, over_turn):
+    traj = core.rollout(policy, [task()], BOX, forced=forced, progress=False, **limits)[0]
+    assert traj.finish_reason == reason
+    assert traj.meta["over_turn"] is over_turn
+    assert traj.finish_reason in core.FINISH_REASONS
+
+
+def test_prompt_over_budget_ends_at_once(policy):
+    traj = core.rollout(policy, [task()], BOX, max_context=50, progress=False)[0]
+    assert traj.finish_reason == "max_context" and traj.turns == 0
+
+
+def test_tool_failure_mid_rollout_is_observed(policy):
+    class Down:
+        name = "down"
+
+        def search(self, q, k):
+            raise tools.ToolError("search engine is down")
+    box = tools.Toolbox(text_search=Down())
+    traj = core.rollout(policy, [task()], box, forced=script(SEARCH, ANSWER), progress=False)[0]
+    assert traj.finish_reason == "answer"
+    tool_turn = [m for m in traj.messages if m["role"] == "tool"][0]
+    assert "search engine is down" in str(tool_turn["content"])
+    assert traj.meta["stats"]["tool_errors"] == {"text_search": 1}
+    assert traj.tool_calls[0]["ok"] is False
+
+
+def test_repetition_detector():
+    assert core.repeats_itself([1, 2, 3] * 20)
+    assert core.repeats_itself([7] * 48)
+    assert not core.repeats_itself([7] * 47)
+    assert not core.repeats_itself(list(range(100)))
+    assert not core.repeats_itself([1, 2, 3] * 20 + [4])
