@@ -136,11 +136,14 @@ def load_policy(path, device=None, dtype=None):
 
 
 def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidden=64, layers=2,
-                      heads=4, kv_heads=2, vision_hidden=32, vision_depth=2, max_pixels=112 * 112,
-                      seed=0):
+                      heads=4, kv_heads=2, intermediate=None, vision_hidden=32, vision_depth=2,
+                      max_pixels=112 * 112, model_vocab=None, seed=0):
     """Train a byte-level BPE tokenizer on `texts`, build a random tiny VLM of the real
     architecture (`family` = "qwen2_5_vl" or "qwen3_vl"), and save model, tokenizer and image
-    processor with `save_pretrained`. Returns the folder; `load_policy(folder)` loads it back."""
+    processor with `save_pretrained`. Returns the folder; `load_policy(folder)` loads it back.
+    The sizes default to a ~220K-parameter model; larger ones (e.g. Qwen2.5-VL-3B's shape for a
+    benchmark: hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008,
+    model_vocab=151936) work the same. model_vocab: embedding rows, at least the tokenizer's."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -172,7 +175,8 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
     token_ids = dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
                      vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
     head_dim = hidden // heads
-    text = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+    text = dict(vocab_size=max(len(tokenizer), model_vocab or 0), hidden_size=hidden,
+                intermediate_size=intermediate or 2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                 max_position_embeddings=4096, bos_token_id=vocab["<|endoftext|>"],
                 eos_token_id=vocab["<|im_end|>"], pad_token_id=vocab["<|endoftext|>"])

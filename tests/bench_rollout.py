@@ -1,0 +1,113 @@
+"""Benchmark: the rollout loop with KV-cache reuse against the same loop re-encoding the whole
+context every turn.
+
+    python tests/bench_rollout.py                  # tiny and small models on CPU
+    python tests/bench_rollout.py --device cuda    # adds a Qwen2.5-VL-3B-shaped model (random weights)
+
+Workload: 16 rows (batch 16), 8 turns. Each turn the model runs a forward for every token it
+writes, but the tokens are scripted (a text_search tool call, 30-odd tokens, then <|im_end|>)
+so that every row really makes 8 tool calls against a local corpus; random weights would
+otherwise stop after one turn. Prefill tokens count tokens run through the model in prefill;
+tok/s is generated tokens per second of wall time (tools included). With cache reuse, prefill
+plus generated tokens is the context length plus one per turn (the sampled <|im_end|> is fed
+with the next segment) minus the final newline: each token runs through the model once. Not a test.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mmsearch_r1 as core  # noqa: E402
+import tools  # noqa: E402
+
+CALL = '<think>I should look this up.</think><tool_call>{"name": "text_search", "arguments": {"query": "tower city"}}</tool_call>'
+TEXTS = [CALL, "The tower stands in the old city centre; built in 1889 for the fair.",
+         "Results: title url snippet Paris London Rome Berlin Madrid"] * 20
+CORPUS = [{"id": str(i), "title": f"Tower {i}", "url": f"http://local/{i}",
+           "text": f"Tower {i} is a tower in city {i}, built in {1800 + i} by architect number {i}."} for i in range(50)]
+
+
+def scripted_sampler(script):
+    """Replaces core.sample: the model still computes logits every step; the token is scripted."""
+    step = {"i": 0}
+
+    def sample(logits, temperature, top_p, generator):
+        token = script[step["i"] % len(script)]
+        step["i"] += 1
+        tokens = torch.full((logits.shape[0],), token, dtype=torch.long, device=logits.device)
+        return tokens, torch.log_softmax(logits.float(), -1)[:, token]
+    return sample
+
+
+def reencode_every_turn(run_turn):
+    """The baseline: forget every row's cache before each turn, so the whole context is re-run."""
+    def wrapped(policy, rows, limits, generator):
+        for r in rows:
+            r.kv, r.n_cached = None, 0
+        return run_turn(policy, rows, limits, generator)
+    return wrapped
+
+
+def bench(policy, toolbox, reencode, rows=16, turns=8):
+    script = policy.encode_text(CALL) + [policy.ids["im_end"]]
+    original_sample, original_turn = core.sample, core.run_turn
+    core.sample = scripted_sampler(script)
+    if reencode:
+        core.run_turn = reencode_every_turn(original_turn)
+    try:
+        tasks = [{"id": str(i), "image": Image.new("RGB", (224, 168), (i * 15, 80, 160)),
+                  "question": "Which city is this tower in, and when was it built?"} for i in range(rows)]
+        t0 = time.perf_counter()
+        trajs = core.rollout(policy, tasks, toolbox, max_turns=turns, max_new_tokens=len(script) + 1,
+                             max_context=32768, max_batch=rows, progress=False)
+        if policy.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    finally:
+        core.sample, core.run_turn = original_sample, original_turn
+    gen = sum(t.meta["stats"]["generated_tokens"] for t in trajs)
+    pre = sum(t.meta["stats"]["prefill_tokens"] for t in trajs)
+    ctx = sum(len(t.input_ids) for t in trajs)
+    assert all(t.turns == turns and t.finish_reason == "max_turns" for t in trajs), [t.finish_reason for t in trajs]
+    return {"time_s": dt, "generated": gen, "prefill": pre, "context": ctx, "tok_s": gen / dt}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--rows", type=int, default=16, help="rows decoding together (tasks)")
+    ap.add_argument("--turns", type=int, default=8, help="assistant turns per rollout")
+    args = ap.parse_args()
+    models = {"tiny (220K)": {}, "small (hidden 256, 4 layers)": dict(hidden=256, layers=4, heads=8, kv_heads=4)}
+    if args.device == "cuda":
+        models["Qwen2.5-VL-3B shape"] = dict(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008,
+                                             vision_hidden=1280, vision_depth=32, model_vocab=151936,
+                                             max_pixels=448 * 448)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"# rollout benchmark on {name}, torch {torch.__version__}: {args.rows} rows, {args.turns} turns\n")
+    print("| model | mode | wall s | generated | prefill tokens | context tokens | prefill/context | tok/s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "corpus.jsonl"
+        corpus.write_text("\n".join(json.dumps(d) for d in CORPUS))
+        toolbox = tools.Toolbox(text_search=tools.LocalTextSearch(corpus), k=3)
+        for label, sizes in models.items():
+            folder = core.build_tiny_policy(Path(tmp) / label.split()[0], TEXTS, **sizes)
+            policy = core.load_policy(folder, device=args.device)
+            bench(policy, toolbox, False, 2, 2)   # warm-up
+            reuse = bench(policy, toolbox, False, args.rows, args.turns)
+            again = bench(policy, toolbox, True, args.rows, args.turns)
+            for mode, r in (("KV cache reused", reuse), ("re-encode each turn", again)):
+                speed = f"{reuse['tok_s'] / again['tok_s']:.2f}x" if mode.startswith("KV") else "1.00x"
+                print(f"| {label} | {mode} | {r['time_s']:.2f} | {r['generated']} | {r['prefill']} | "
+                      f"{r['context']} | {r['prefill'] / r['context']:.2f} | {r['tok_s']:.0f} | {speed} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
