@@ -331,7 +331,7 @@ def load_image(path):
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read image {str(path)!r}: {e}. Check that the file exists and is a "
                          "valid PNG/JPEG.") from None
-    image.info["path"] = str(path)
+    image.info["path"] = str(Path(path).resolve())
     return image
 
 
@@ -888,3 +888,192 @@ def _after_turn(policy, rows, toolbox, turn, max_turns, max_images, max_context,
             else:
                 going.append(r)
     return going
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Rewards: answer matching, an LLM judge, and the reward of a trajectory
+
+ARTICLES = {"a", "an", "the"}
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+
+
+def normalize_answer(text):
+    """Lower-case; numbers unified ("1,000" -> "1000", "3.50" -> "3.5", "five" -> "5"); punctuation,
+    articles and extra whitespace removed."""
+    import re
+    import string
+    text = str(text).lower()
+    text = re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)                                 # 1,000 -> 1000
+    text = re.sub(r"\b(\d+)\.(\d*?)0+\b", lambda m: m.group(1) + ("." + m.group(2) if m.group(2) else ""), text)
+    text = re.sub(r"(?<=\d)\.(?!\d)", " ", text)                                    # "1889." -> "1889 "
+    text = re.sub(r"(?<=\w)\.(?=\w)(?!\d)", "", text)                               # "u.s.a" -> "usa"
+    text = "".join(" " if (c in string.punctuation and c != ".") else c for c in text)
+    text = re.sub(r"(?<!\d)\.|\.(?!\d)", " ", text)                                  # keep decimal points only
+    tokens = [NUMBER_WORDS.get(t, t) for t in text.split() if t not in ARTICLES]
+    return " ".join(tokens)
+
+
+def _answer_list(answers):
+    return [answers] if isinstance(answers, str) else list(answers)
+
+
+def exact_match(pred, answers):
+    """1.0 if the normalized prediction equals any normalized answer, else 0.0."""
+    p = normalize_answer(pred)
+    return float(any(p == normalize_answer(a) for a in _answer_list(answers)))
+
+
+def substring_match(pred, answers):
+    """1.0 if any normalized answer appears in the normalized prediction (on word boundaries)."""
+    p = f" {normalize_answer(pred)} "
+    return float(any(normalize_answer(a) and f" {normalize_answer(a)} " in p for a in _answer_list(answers)))
+
+
+def f1(pred, answers):
+    """Token F1 between prediction and answer, the best over the answers."""
+    p = normalize_answer(pred).split()
+    best = 0.0
+    for a in _answer_list(answers):
+        g = normalize_answer(a).split()
+        common = sum((Counter(p) & Counter(g)).values())
+        if common:
+            precision, recall = common / len(p), common / len(g)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def extract_answer(text):
+    """The content of the last <answer>...</answer> in `text`, or None."""
+    import re
+    found = re.findall(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    return found[-1].strip() if found else None
+
+
+@dataclass
+class JudgeEndpoint:
+    """An OpenAI-compatible chat-completions endpoint (vLLM, Ollama, OpenAI...). Empty fields
+    fall back to $JUDGE_BASE_URL, $JUDGE_MODEL, $JUDGE_API_KEY."""
+    base_url: str = ""
+    model: str = ""
+    api_key: str = ""
+    timeout: float = 60.0
+    retries: int = 2
+
+    def __post_init__(self):
+        import os
+        self.base_url = (self.base_url or os.environ.get("JUDGE_BASE_URL", "")).rstrip("/")
+        self.model = self.model or os.environ.get("JUDGE_MODEL", "")
+        self.api_key = self.api_key or os.environ.get("JUDGE_API_KEY", "")
+        if not self.base_url or not self.model:
+            raise ValueError("judge endpoint: set --judge-url and --judge-model (or $JUDGE_BASE_URL and "
+                             "$JUDGE_MODEL), e.g. http://localhost:8000/v1 and the served model name")
+
+
+JUDGE_PROMPT = """You grade answers to questions about images. Decide whether the predicted answer
+means the same as one of the reference answers. Accept aliases, synonyms, other spellings and
+transliterations of the same entity, and extra detail that does not contradict the reference.
+For numbers, accept small rounding differences (within 1%) and other units or formats of the
+same value. Reject an answer that is vaguer than the reference, names a different entity, or hedges
+between several answers.
+
+Question: {question}
+Reference answers: {answers}
+Predicted answer: {pred}
+
+Reply with exactly one word on the last line: CORRECT or INCORRECT."""
+
+
+def parse_verdict(text):
+    """1.0 / 0.0 from a judge reply whose last non-empty line is CORRECT or INCORRECT (optionally
+    bold or followed by a full stop); None for anything else."""
+    import re
+    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
+    if not lines:
+        return None
+    m = re.fullmatch(r"(?:verdict:\s*)?\**\s*(CORRECT|INCORRECT)\s*\**\.?", lines[-1], re.IGNORECASE)
+    return None if m is None else float(m.group(1).upper() == "CORRECT")
+
+
+def judge(question, pred, answers, endpoint, cache=None):
+    """An LLM's verdict on `pred`: 1.0 correct, 0.0 incorrect, None when the judge could not
+    answer (unreachable, malformed reply): unscorable, never silently 0. Cached in the tool cache."""
+    import tools
+    if pred is None or not str(pred).strip():
+        return 0.0
+    prompt = JUDGE_PROMPT.format(question=question, answers=json.dumps(_answer_list(answers), ensure_ascii=False),
+                                 pred=pred)
+    headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+    body = {"model": endpoint.model, "temperature": 0.0, "max_tokens": 512,
+            "messages": [{"role": "user", "content": prompt}]}
+    settings = tools.HttpSettings(timeout=endpoint.timeout, retries=endpoint.retries)
+
+    def ask():
+        reply = tools.http_json("POST", endpoint.base_url + "/chat/completions", "judge", settings,
+                                json=body, headers=headers)
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise tools.ToolError("judge reply has no choices[0].message.content") from None
+        verdict = parse_verdict(content)
+        if verdict is None:
+            raise tools.ToolError(f"judge reply is not CORRECT/INCORRECT: {str(content)[-80:]!r}")
+        return verdict
+    try:
+        if cache is None:
+            return ask()
+        return cache.fetch(tools.Cache.key(endpoint.base_url + "|" + endpoint.model, "judge", prompt), ask)
+    except tools.ToolError:
+        return None
+
+
+def format_ok(traj):
+    """The format check: every assistant turn before the last made tool calls (and parsed cleanly);
+    the last holds exactly one <answer>...</answer>; <think> tags are balanced."""
+    from tools import parse_tool_calls
+    turns = [m["content"] for m in traj.messages if m["role"] == "assistant"]
+    if not turns or any(not isinstance(t, str) for t in turns):
+        return 0.0
+    for text in turns:
+        if text.count("<think>") != text.count("</think>"):
+            return 0.0
+    for text in turns[:-1]:
+        calls, errors = parse_tool_calls(text)
+        if not calls or errors or "<answer>" in text:
+            return 0.0
+    last = turns[-1]
+    return float(last.count("<answer>") == 1 and last.count("</answer>") == 1 and "<tool_call>" not in last)
+
+
+def reward(traj, task, metric="em", format_weight=0.1, search_penalty=0.0, endpoint=None, cache=None):
+    """(value, parts) for a finished trajectory.
+
+    value = (1 - format_weight) * correct * (1 - search_penalty * searched) + format_weight * format
+    (DeepMMSearch-R1: format_weight 0.1 with an LLM judge; MMSearch-R1: 0.9 EM + 0.1 format and a
+    10% penalty on correct answers that searched). metric: "em", "f1", "substring" or "judge".
+    With the judge unable to answer, value and parts["correct"] are None (unscorable)."""
+    last = next((m["content"] for m in reversed(traj.messages) if m["role"] == "assistant"), "")
+    pred = extract_answer(last) if isinstance(last, str) else None
+    answers = task.get("answers", [])
+    if pred is None:
+        correct = 0.0
+    elif metric == "em":
+        correct = exact_match(pred, answers)
+    elif metric == "f1":
+        correct = f1(pred, answers)
+    elif metric == "substring":
+        correct = substring_match(pred, answers)
+    elif metric == "judge":
+        if endpoint is None:
+            raise ValueError("reward(metric='judge') needs endpoint=JudgeEndpoint(...)")
+        correct = judge(task["question"], pred, answers, endpoint, cache)
+    else:
+        raise ValueError(f"unknown metric {metric!r}: use em, f1, substring or judge")
+    searched = any(c["name"] in ("image_search", "text_search", "visit") for c in traj.tool_calls)
+    fmt = format_ok(traj)
+    parts = {"answer": pred, "correct": correct, "format": fmt, "searched": searched}
+    if correct is None:
+        return None, parts
+    value = (1 - format_weight) * correct * (1 - search_penalty * searched) + format_weight * fmt
+    return value, parts

@@ -9,8 +9,8 @@ writes, but the tokens are scripted (a text_search tool call, 30-odd tokens, the
 so that every row really makes 8 tool calls against a local corpus; random weights would
 otherwise stop after one turn. Prefill tokens count tokens run through the model in prefill;
 tok/s is generated tokens per second of wall time (tools included). With cache reuse, prefill
-plus generated tokens is the context length plus one per turn (the sampled <|im_end|> is fed
-with the next segment) minus the final newline: each token runs through the model once. Not a test.
+plus generated tokens is the context length plus one per turn after the first (the sampled
+<|im_end|> is fed with the next segment) minus the final newline: each token runs through the model once. Not a test.
 """
 import argparse
 import json

@@ -1,0 +1,314 @@
+"""Run the agent on a benchmark file, score it, and write results, a summary table and an HTML report.
+
+    # the toy world, offline, on CPU (see data/toyworld/prepare.py)
+    python eval.py --model data/toyworld/out/model --data data/toyworld/out/test.jsonl \
+        --backend local --corpus data/toyworld/out/corpus.jsonl --image-index data/toyworld/out/images.jsonl \
+        --out runs/eval_toy --html runs/eval_toy/report.html
+    # a real model and engine, judged by an LLM, 4 samples each (avg@4, pass@4)
+    SERPER_API_KEY=... python eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --data infoseek.jsonl \
+        --backend serper --image-host-dir /srv/www/q --image-host-url https://example.org/q \
+        --metric judge --judge-url http://localhost:8000/v1 --judge-model Qwen2.5-72B-Instruct --n 4
+
+Writes to --out: results.jsonl (one line per example, flushed as it goes), summary.json, images/
+(crops the agent made), and prints a markdown table. --resume skips the ids already in
+results.jsonl (a line cut short by a kill is dropped and redone).
+
+Data: JSONL (or a JSON list) of records. Keys read (the first present wins):
+  id:       id, qid, question_id, idx, sample_id (else the line number)
+  question: question, query, prompt, q, text
+  answers:  answers, answer, gold, gold_answer, label, ground_truth, target (string or list)
+  images:   images, image, image_path, image_file, img, img_path (path or list; relative to the data file)
+"""
+import argparse
+import base64
+import html
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import mmsearch_r1 as core
+import tools
+
+ID_KEYS = ("id", "qid", "question_id", "idx", "sample_id")
+QUESTION_KEYS = ("question", "query", "prompt", "q", "text")
+ANSWER_KEYS = ("answers", "answer", "gold", "gold_answer", "label", "ground_truth", "target")
+IMAGE_KEYS = ("images", "image", "image_path", "image_file", "img", "img_path")
+
+
+def first(record, keys):
+    return next((record[k] for k in keys if record.get(k) not in (None, "", [])), None)
+
+
+def load_tasks(path):
+    """Benchmark records -> our task dicts {id, question, answers, image, _root} (extra keys kept)."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"eval: no data file at {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        records = json.loads(text) if text.lstrip().startswith("[") else \
+            [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"eval: {path} is not JSONL (or a JSON list): {e}")
+    tasks = []
+    for n, r in enumerate(records):
+        question = first(r, QUESTION_KEYS)
+        if question is None:
+            raise SystemExit(f"eval: record {n} of {path} has no question (keys tried: {', '.join(QUESTION_KEYS)})")
+        answers = first(r, ANSWER_KEYS)
+        answers = [] if answers is None else [answers] if isinstance(answers, (str, int, float)) else answers
+        images = first(r, IMAGE_KEYS)
+        task = {k: v for k, v in r.items() if k not in ID_KEYS + QUESTION_KEYS + ANSWER_KEYS + IMAGE_KEYS}
+        task.update(id=str(first(r, ID_KEYS) if first(r, ID_KEYS) is not None else n), question=question,
+                    answers=[str(a) for a in answers], image=images, _root=str(path.parent))
+        tasks.append(task)
+    return tasks
+
+
+def read_results(path):
+    """Finished lines of results.jsonl; a last line cut short by a kill is dropped from the file."""
+    if not path.exists():
+        return []
+    good, raw = [], path.read_bytes()
+    end = 0
+    for line in raw.splitlines(keepends=True):
+        try:
+            good.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        if not line.endswith(b"\n"):
+            good.pop()
+            break
+        end += len(line)
+    if end != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return good
+
+
+def make_toolbox(args, policy):
+    """The Toolbox for --backend, --no-tools, the cache and the image host."""
+    cache = tools.Cache(args.cache, max_age=args.cache_max_age, cache_only=args.cache_only) if args.cache else None
+    if args.no_tools:
+        return tools.Toolbox(cache=cache)
+    host = tools.ImageHost(args.image_host_dir, args.image_host_url) if args.image_host_dir else None
+    if args.backend == "local":
+        if not args.corpus:
+            raise SystemExit("eval: --backend local needs --corpus (JSONL of id, title, url, text)")
+        text = tools.LocalTextSearch(args.corpus)
+        image = tools.LocalImageSearch(args.image_index, args.embed_model) if args.image_index else None
+        pages = text
+    else:
+        cls = {"serper": tools.SerperSearch, "serpapi": tools.SerpAPISearch, "searxng": tools.SearxngSearch}[args.backend]
+        text = image = cls(base_url=args.search_url, image_host=host)
+        pages = tools.WebPages(allow_private=args.allow_private_urls)
+    return tools.Toolbox(text_search=text, image_search=image, pages=pages, cache=cache,
+                         convention=policy.crop_convention, shown_size=policy.shown_size, k=args.k)
+
+
+NO_TOOLS_PROMPT = ("You answer questions about images. Think inside <think>...</think>, then give the "
+                   "final answer inside <answer>...</answer>. No tools are available.")
+
+
+def score_example(task, trajs, args, endpoint, cache, image_dir):
+    """One results.jsonl line: every sample's answer, verdict, tools, tokens and trajectory."""
+    samples = []
+    for s, traj in enumerate(trajs):
+        traj.id = f"{task['id']}_s{s}"
+        value, parts = core.reward(traj, task, metric=args.metric, endpoint=endpoint, cache=cache)
+        stats = traj.meta.get("stats", {})
+        record = core.trajectory_to_record(traj, image_dir=image_dir)
+        record.pop("stats", None)
+        samples.append({"answer": parts["answer"], "correct": parts["correct"], "reward": value,
+                        "format": parts["format"], "finish_reason": traj.finish_reason, "turns": traj.turns,
+                        "tool_calls": Counter(c["name"] for c in traj.tool_calls),
+                        "tool_errors": sum(not c["ok"] for c in traj.tool_calls),
+                        "generated_tokens": stats.get("generated_tokens", 0),
+                        "prefill_tokens": stats.get("prefill_tokens", 0), "trajectory": record})
+    return {"id": task["id"], "question": task["question"], "answers": task["answers"], "samples": samples}
+
+
+def summarize(results):
+    """The numbers of the summary table, from results.jsonl lines alone."""
+    ok = [r for r in results if "error" not in r]
+    wall_time = sum(r.get("time_s", 0.0) for r in ok)
+    samples = [s for r in ok for s in r["samples"]]
+    scored = [s for s in samples if s["correct"] is not None]
+    n = max(1, len(samples))
+    tool_names = tools.TOOL_NAMES
+    gen = sum(s["generated_tokens"] for s in samples)
+    out = {
+        "examples": len(results), "errors": len(results) - len(ok), "samples": len(samples),
+        "accuracy (avg@n)": sum(s["correct"] for s in scored) / max(1, len(scored)),
+        "pass@n": sum(any((s["correct"] or 0) >= 1.0 for s in r["samples"]) for r in ok) / max(1, len(ok)),
+        "unscorable": len(samples) - len(scored),
+        "direct-answer rate": sum(not s["tool_calls"] for s in samples) / n,
+        **{f"uses {t}": sum(bool(s["tool_calls"].get(t)) for s in samples) / n for t in tool_names},
+        "tool calls / example": sum(sum(s["tool_calls"].values()) for s in samples) / n,
+        "tool errors": sum(s["tool_errors"] for s in samples),
+        "turns": sum(s["turns"] for s in samples) / n,
+        "generated tokens": gen / n,
+        "finish reasons": dict(Counter(s["finish_reason"] for s in samples)),
+        "wall time s": wall_time,
+        "tokens / s": gen / wall_time if wall_time > 0 else 0.0,
+    }
+    return out
+
+
+def markdown_table(summary):
+    rows = ["| metric | value |", "|---|---|"]
+    for k, v in summary.items():
+        if isinstance(v, float):
+            v = f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+        elif isinstance(v, dict):
+            v = ", ".join(f"{a}: {b}" for a, b in sorted(v.items()))
+        rows.append(f"| {k} | {v} |")
+    return "\n".join(rows)
+
+
+def image_tag(path):
+    """An <img> with the file inlined as base64 (the report is one self-contained file)."""
+    p = Path(path)
+    try:
+        data = base64.b64encode(p.read_bytes()).decode()
+    except OSError:
+        return f"<em>(missing image {html.escape(str(path))})</em>"
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(p.name)}">'
+
+
+def write_html(path, results, summary):
+    """One card per example: the question image, each turn (reasoning, tool calls, crops, results
+    as the model saw them), the answer and the verdict; the summary table on top."""
+    esc = html.escape
+    cards = []
+    for r in results:
+        if "error" in r:
+            cards.append(f'<div class="card bad"><h3>{esc(r["id"])}</h3><p>Error: {esc(r["error"])}</p></div>')
+            continue
+        for s_i, s in enumerate(r["samples"]):
+            traj = s["trajectory"]
+            images = iter(traj["images"])
+            turns = []
+            for m in traj["messages"]:
+                if m["role"] == "system":
+                    continue
+                parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+                body = "".join(image_tag(next(images, "")) if p["type"] == "image"
+                               else f"<pre>{esc(p['text'])}</pre>" for p in parts)
+                turns.append(f'<div class="turn {m["role"]}"><b>{m["role"]}</b>{body}</div>')
+            verdict = {1.0: "correct", 0.0: "wrong", None: "unscorable"}.get(s["correct"], f'{s["correct"]:.2f}')
+            cards.append(
+                f'<div class="card {verdict}"><h3>{esc(r["id"])} sample {s_i}: {verdict}</h3>'
+                f'<p><b>Q:</b> {esc(r["question"])}<br><b>Gold:</b> {esc(" | ".join(r["answers"]))}<br>'
+                f'<b>Answer:</b> {esc(str(s["answer"]))} &nbsp; <b>finish:</b> {esc(str(s["finish_reason"]))}, '
+                f'{s["turns"]} turns, {sum(s["tool_calls"].values())} tool calls</p>{"".join(turns)}</div>')
+    table = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(round(v, 3) if isinstance(v, float) else v))}</td></tr>"
+                    for k, v in summary.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mmsearch-r1 eval</title><style>
+body {{font-family: sans-serif; max-width: 1100px; margin: auto}} table {{border-collapse: collapse}}
+td {{border: 1px solid #ccc; padding: 2px 8px}} .card {{border: 1px solid #999; margin: 12px 0; padding: 8px}}
+.correct {{border-left: 6px solid #2a2}} .wrong, .bad {{border-left: 6px solid #c22}} .unscorable {{border-left: 6px solid #aa2}}
+.turn {{margin: 6px 0; padding: 4px; background: #f6f6f6}} .assistant {{background: #eef4ff}}
+pre {{white-space: pre-wrap; margin: 2px 0}} img {{max-width: 320px; max-height: 320px; border: 1px solid #ccc}}
+</style></head><body><h1>mmsearch-r1 evaluation</h1><table>{table}</table>{"".join(cards)}</body></html>"""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(page, encoding="utf-8")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model and data
+    ap.add_argument("--model", required=True, help="hub id or local folder of a Qwen2/2.5/3-VL model")
+    ap.add_argument("--data", required=True, help="benchmark JSONL (see the keys above)")
+    ap.add_argument("--out", default="runs/eval", help="folder for results.jsonl, summary.json, images/")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    ap.add_argument("--resume", action="store_true", help="skip examples already in results.jsonl")
+    ap.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    ap.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, else fp32)")
+    # agent
+    ap.add_argument("--n", type=int, default=1, help="samples per example (avg@n, pass@n)")
+    ap.add_argument("--max-turns", type=int, default=6, help="assistant turns (raise it to measure turn scaling)")
+    ap.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per assistant turn")
+    ap.add_argument("--max-context", type=int, default=16384, help="tokens per trajectory")
+    ap.add_argument("--max-images", type=int, default=12, help="question images plus crops")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed")
+    ap.add_argument("--batch", type=int, default=8, help="examples rolled out together (x n rows)")
+    ap.add_argument("--no-tools", action="store_true", help="direct-answer baseline: one turn, no tools")
+    # tools
+    ap.add_argument("--backend", default="local", choices=["local", "serper", "serpapi", "searxng"],
+                    help="search engine")
+    ap.add_argument("--corpus", default=None, help="local backend: JSONL corpus (id, title, url, text)")
+    ap.add_argument("--image-index", default=None, help="local backend: JSONL image index (image, title, url, snippet)")
+    ap.add_argument("--embed-model", default=None, help="local image search: a transformers image model instead of the numpy descriptor")
+    ap.add_argument("--search-url", default=None, help="HTTP backend base URL (default: the provider's; SearXNG: $SEARXNG_URL)")
+    ap.add_argument("--image-host-dir", default=None, help="HTTP image search: folder served at --image-host-url")
+    ap.add_argument("--image-host-url", default=None, help="HTTP image search: public URL prefix of --image-host-dir")
+    ap.add_argument("--allow-private-urls", action="store_true", help="let visit open loopback/private addresses")
+    ap.add_argument("--k", type=int, default=5, help="results per search")
+    ap.add_argument("--cache", default="runs/tool_cache.sqlite", help="SQLite cache of tool results ('' to disable)")
+    ap.add_argument("--cache-only", action="store_true", help="replay mode: a cache miss is an error observation")
+    ap.add_argument("--cache-max-age", type=float, default=None, help="ignore cache entries older than this (s)")
+    # scoring
+    ap.add_argument("--metric", default="em", choices=["em", "f1", "substring", "judge"], help="correctness metric")
+    ap.add_argument("--judge-url", default="", help="OpenAI-compatible base URL (or $JUDGE_BASE_URL)")
+    ap.add_argument("--judge-model", default="", help="judge model name (or $JUDGE_MODEL)")
+    ap.add_argument("--judge-key", default="", help="judge API key (or $JUDGE_API_KEY)")
+    ap.add_argument("--html", default=None, help="write a self-contained HTML report here")
+    args = ap.parse_args(argv)
+
+    tasks = load_tasks(args.data)[:args.limit]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.jsonl"
+    if results_path.exists() and not args.resume:
+        raise SystemExit(f"eval: {results_path} exists; pass --resume to continue it or choose another --out")
+    done = read_results(results_path)
+    done_ids = {r["id"] for r in done}
+    todo = [t for t in tasks if t["id"] not in done_ids]
+    endpoint = core.JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key) if args.metric == "judge" else None
+    policy = core.load_policy(args.model, device=args.device, dtype=args.dtype)
+    toolbox = make_toolbox(args, policy)
+    print(f"eval: {len(tasks)} examples, {len(done_ids & {t['id'] for t in tasks})} already done, {len(todo)} to run")
+
+    with open(results_path, "a", encoding="utf-8") as f:
+        for start in range(0, len(todo), args.batch):
+            chunk = []
+            for task in todo[start:start + args.batch]:
+                try:   # load images up front: a broken example is an error line, not a crash
+                    task = dict(task, image=core.task_images(task))
+                    chunk.append(task)
+                except ValueError as e:
+                    line = {"id": task["id"], "question": task["question"], "answers": task["answers"], "error": str(e)}
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    f.flush()
+            if not chunk:
+                continue
+            t_batch = time.time()
+            trajs = core.rollout(policy, chunk, toolbox, n=args.n, max_turns=1 if args.no_tools else args.max_turns,
+                                 max_new_tokens=args.max_new_tokens, max_context=args.max_context,
+                                 max_images=args.max_images, temperature=args.temperature, top_p=args.top_p,
+                                 seed=args.seed + start, max_batch=args.batch * args.n,
+                                 system=NO_TOOLS_PROMPT if args.no_tools else None)
+            for i, task in enumerate(chunk):
+                line = score_example(task, trajs[i * args.n:(i + 1) * args.n], args, endpoint,
+                                     toolbox.cache, (out / "images").resolve())
+                line["time_s"] = (time.time() - t_batch) / len(chunk)
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    results = [r for r in read_results(results_path) if r["id"] in {t["id"] for t in tasks}]
+    summary = summarize(results)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(markdown_table(summary))
+    if args.html:
+        write_html(args.html, results, summary)
+        print(f"eval: report written to {args.html}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
