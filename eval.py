@@ -144,7 +144,7 @@ def summarize(results):
         "accuracy (avg@n)": sum(s["correct"] for s in scored) / max(1, len(scored)),
         "pass@n": sum(any((s["correct"] or 0) >= 1.0 for s in r["samples"]) for r in ok) / max(1, len(ok)),
         "unscorable": len(samples) - len(scored),
-        "direct-answer rate": sum(not s["tool_calls"] for s in samples) / n,
+        "direct-answer rate": sum(s["answer"] is not None and not s["tool_calls"] for s in samples) / n,
         **{f"uses {t}": sum(bool(s["tool_calls"].get(t)) for s in samples) / n for t in tool_names},
         "tool calls / example": sum(sum(s["tool_calls"].values()) for s in samples) / n,
         "tool errors": sum(s["tool_errors"] for s in samples),

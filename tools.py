@@ -206,6 +206,7 @@ def crop(image, bbox, convention, shown_size=None, settings=CropSettings()):
     scale = min(scale * 1.0, math.sqrt(settings.max_pixels / (w * h)))
     if abs(scale - 1.0) > 1e-6:
         out = out.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+    out.info = {}   # PIL copies info (our "path" of the source file): a crop is a new image
     return out
 
 

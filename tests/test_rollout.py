@@ -78,11 +78,16 @@ def test_batched_rows_equal_rows_alone(policy):
 
 
 def test_forced_rollout_round_trips_through_records(policy, tmp_path):
-    traj = core.rollout(policy, [task()], BOX, forced=script(CROP0, ANSWER), progress=False)[0]
-    assert traj.finish_reason == "answer" and traj.turns == 2
-    record = core.trajectory_to_record(traj, image_dir=tmp_path)
+    task()["image"].save(tmp_path / "q.png")
+    traj = core.rollout(policy, [dict(task(), image="q.png", _root=str(tmp_path))], BOX,
+                        forced=script(CROP0, CROP1, ANSWER), progress=False)[0]
+    assert traj.finish_reason == "answer" and traj.turns == 3
+    record = core.trajectory_to_record(traj, image_dir=tmp_path / "crops")
+    assert record["images"][0] == str(tmp_path / "q.png") and len(set(record["images"])) == 3
     again = core.trajectory_from_record(policy, record)
     assert again.input_ids == traj.input_ids and again.loss_mask == traj.loss_mask
+    for a, b in zip(again.images, traj.images):
+        assert a.size == b.size and a.tobytes() == b.tobytes()
 
 
 @pytest.mark.parametrize("forced, limits, reason, over_turn", [
