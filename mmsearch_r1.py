@@ -562,7 +562,7 @@ def sequence_logprobs(policy, batch, temperature=1.0, with_entropy=False):
 #
 # Our own decoding over model.forward with a KV cache, in calling order:
 #   rollout -> run_turn -> prefill (new tokens of every row, batched) -> decode_one_token (repeat)
-#           -> run_tools (every row's calls, concurrently) -> add_message("tool") -> next turn
+#           -> _after_turn (finish, or run every row's calls concurrently and add_message("tool"))
 #
 # Each row (one sample of one task) keeps its own keys/values between turns, with no holes. A
 # phase of the loop stacks the active rows into one batch cache, left-padding shorter rows (the
@@ -654,7 +654,7 @@ def sample(logits, temperature, top_p, generator):
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
         probs = probs.scatter(1, order, sorted_p.masked_fill(drop, 0.0))
-    tokens = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)
+    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return tokens, logp.gather(1, tokens[:, None])[:, 0]
 
 
@@ -799,7 +799,7 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
     from tqdm.auto import tqdm
 
     limits = dict(max_new_tokens=max_new_tokens, max_context=max_context, temperature=temperature, top_p=top_p)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
     rows = [Row(new_trajectory(policy, task, system), task) for task in tasks for _ in range(n)]
     left = Counter(i // n for i in range(len(rows)))
     bar = tqdm(total=len(tasks), desc="rollout", unit="task", disable=not progress)
