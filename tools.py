@@ -414,7 +414,7 @@ class _HttpSearch:
 
     def __init__(self, base_url=None, api_key=None, image_host=None, http=None):
         self.base_url = (base_url or self.default_url).rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get(self.env_key, "") if self.env_key else ""
+        self.api_key = api_key if api_key is not None else os.environ.get(self.env_key, "")
         self.image_host, self.http = image_host, http or HttpSettings()
 
     def _need_key(self):
@@ -638,9 +638,12 @@ def visit(url, goal, pages=None, max_chars=3000, allow_private=False):
     """The page at `url` as clean text, cut to the passages most relevant to `goal`.
     pages: where pages come from (WebPages by default; a LocalTextSearch serves its corpus)."""
     pages = pages or WebPages(allow_private=allow_private)
-    title, text = pages.fetch(url)
+    return format_page(url, *pages.fetch(url), goal, max_chars)
+
+
+def format_page(url, title, text, goal, max_chars):
     body = select_passages(text, goal, max_chars)
-    return f"Title: {title}\nURL: {url}\n\n{body}" if title else f"URL: {url}\n\n{body}"
+    return (f"Title: {title}\n" if title else "") + f"URL: {url}\n\n{body}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -768,8 +771,7 @@ class Toolbox:
         if name == "visit":
             pages = self.pages or WebPages()
             title, text = self._cached(pages, name, {"url": args["url"]}, lambda: list(pages.fetch(args["url"])))
-            body = select_passages(text, args["goal"], self.visit_chars)
-            return (f"Title: {title}\n" if title else "") + f"URL: {args['url']}\n\n{body}", None
+            return format_page(args["url"], title, text, args["goal"], self.visit_chars), None
         raise ToolError(f"unknown tool {name!r}")
 
     def run(self, calls, images, parse_errors=()):
