@@ -108,7 +108,11 @@ def load_policy(path, device=None, dtype=None):
                                 "like 'Qwen/Qwen2.5-VL-3B-Instruct'.")
     if local.is_dir() and not (local / "config.json").exists():
         raise FileNotFoundError(f"load_policy: {path!r} has no config.json; is it a model folder?")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:   # hub id unknown, no network, unreadable config.json
+        raise FileNotFoundError(f"load_policy: cannot load a model config from {path!r} ({str(e).splitlines()[0]}). "
+                                "Check the hub id and your network, or pass a local folder.") from None
     if config.model_type not in CROP_CONVENTION:
         raise ValueError(f"load_policy: model type {config.model_type!r} is not supported; "
                          f"supported: {', '.join(sorted(CROP_CONVENTION))}.")

@@ -151,6 +151,10 @@ def test_load_policy_errors(tiny_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
         core.load_policy(tmp_path / "empty")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(FileNotFoundError, match="cannot load a model config"):
+        core.load_policy(tmp_path / "broken")
     cfg = json.loads((tiny_dir / "config.json").read_text())
     bad = tmp_path / "llama"
     bad.mkdir()
