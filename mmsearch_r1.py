@@ -750,6 +750,7 @@ def run_turn(policy, rows, limits, generator):
     live = [r.turn_end is None for r in batch.rows]   # forced rows are already done
     batch.split_off([b for b, alive in enumerate(live) if not alive])
     logits = logits[torch.tensor(live, device=logits.device)] if not all(live) else logits
+    eos = policy.eos_ids
     while batch.rows:
         tokens, logp = sample(logits, limits["temperature"], limits["top_p"], generator)
         done = []
@@ -757,7 +758,7 @@ def run_turn(policy, rows, limits, generator):
             r.turn_tokens.append(t)
             r.turn_logprobs.append(lp)
             r.stats["generated_tokens"] += 1
-            if t in policy.eos_ids:
+            if t in eos:
                 r.turn_end = "im_end"
             elif len(r.turn_tokens) >= limits["max_new_tokens"]:
                 r.turn_end = "length"
@@ -772,7 +773,7 @@ def run_turn(policy, rows, limits, generator):
         if not batch.rows:
             break
         logits = decode_one_token(policy, batch, tokens[torch.tensor(keep, device=tokens.device)])
-    # the sampled tokens are in the trajectory; all but the last are in the cache (n_cached)
+    # append the sampled tokens; all but the last went through the model, so they are cached
     for r in rows:
         if r.turn_end != "forced":
             last_fed = len(r.turn_tokens) - 1
