@@ -587,6 +587,7 @@ class Row:
     task: dict
     kv: list | None = None        # per layer (keys, values), each (1, heads, n_cached, head_dim)
     n_cached: int = 0             # tokens of traj.input_ids whose keys/values are in kv
+    n_images_cached: int = 0      # images of traj.image_inputs whose tokens are in kv
     next_pos: int = 0             # rotary position of the next token
     tool_failures: int = 0        # consecutive turns whose calls all failed
     turn_tokens: list = field(default_factory=list)
@@ -693,7 +694,7 @@ def prefill(policy, rows, temperature):
         seg_mask[b, :len(seg)] = 1
         pos, r.next_pos = _segment_positions(policy, r)
         positions[:, b, :len(seg)] = pos
-        new_images = _uncached_images(policy, r)
+        new_images = r.traj.image_inputs[r.n_images_cached:]   # arrived since the last prefill
         pixels += [pv for pv, _ in new_images]
         grids += [g for _, g in new_images]
         r.stats["prefill_tokens"] += len(seg)
@@ -707,7 +708,7 @@ def prefill(policy, rows, temperature):
     hidden = out.last_hidden_state                                       # (B, n, H)
     last = torch.tensor([len(s) - 1 for s in segs], device=dev)
     logits = _lm_head(policy, hidden[torch.arange(B, device=dev), last])  # (B, V)
-    for b, (r, seg) in enumerate(zip(rows, segs)):
+    for b, r in enumerate(rows):
         if r.turn_end == "forced":   # log p(token i) comes from the hidden state at i - 1
             forced = range(len(r.traj.input_ids) - len(r.turn_tokens), len(r.traj.input_ids))
             at = torch.tensor([i - 1 - r.n_cached for i in forced], device=dev)
@@ -716,19 +717,8 @@ def prefill(policy, rows, temperature):
             lp = torch.log_softmax(z / (temperature or 1.0), -1).gather(1, t[:, None])[:, 0]
             for i, v in zip(forced, lp.tolist()):
                 r.traj.logprobs[i] = v
-        r.n_cached = len(r.traj.input_ids)
+        r.n_cached, r.n_images_cached = len(r.traj.input_ids), len(r.traj.image_inputs)
     return batch, logits
-
-
-def _uncached_images(policy, row):
-    """(pixel_values, grid) of the images whose pad tokens are not in the row's cache yet."""
-    n_cached_pads = row.traj.input_ids[:row.n_cached].count(policy.ids["image_pad"])
-    out, seen = [], 0
-    for pv, g in row.traj.image_inputs:
-        if seen >= n_cached_pads:
-            out.append((pv, g))
-        seen += int(g.prod()) // policy.merge_size ** 2
-    return out
 
 
 @torch.no_grad()

@@ -1,6 +1,5 @@
 """eval.py end to end on toy tasks, resume after a kill, broken examples, the judge, the HTML report."""
 import json
-import os
 import signal
 import subprocess
 import sys
