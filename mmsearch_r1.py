@@ -52,16 +52,31 @@ def resolve_device(device=None, dtype=None):
 # in absolute pixels of the resized image it sees; Qwen2-VL and Qwen3-VL on a 0-1000 grid.
 CROP_CONVENTION = {"qwen2_vl": "rel1000", "qwen2_5_vl": "abs", "qwen3_vl": "rel1000"}
 
-# Special tokens the chat format needs; the tool tags are ordinary added tokens.
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-TAG_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
-              "<think>", "</think>", "<answer>", "</answer>"]
+# The control tokens of the Qwen-VL vocabularies, in their order after the BPE vocabulary.
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+REQUIRED_SPECIAL = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+# Tags that are single added tokens in a family's vocabulary; every other tag (<answer>, and in
+# Qwen2.5 <think> and <tool_response>) is plain multi-token text there.
+ADDED_TAGS = {"qwen2_vl": ["<tool_call>", "</tool_call>"],
+              "qwen2_5_vl": ["<tool_call>", "</tool_call>"],
+              "qwen3_vl": ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>"]}
+TAGS = ["<tool_call>", "</tool_call>", "<think>", "</think>", "<tool_response>", "</tool_response>"]
+POLICY_TAGS = TAGS[:4]            # what the policy writes itself; <tool_response> is the environment's
+AGENT_IMAGE_TOKENS = 1024         # default budget of visual tokens per image (question image or crop)
 
 
 @dataclass
 class Policy:
-    """A loaded model with its tokenizer, image processor and family settings."""
+    """A loaded model with its tokenizer, image processor and family settings.
+
+    Text goes in through `plain`: the tokenizer's BPE without its added tokens, so a control-token
+    string in a page or a question is ordinary text. Control tokens enter only through the chat
+    format (section 3). `sample_mask` (V,) is True on the ids the policy may write: text, the
+    tags in POLICY_TAGS, <|im_end|> and <|endoftext|>; never vision, pad or other control tokens,
+    nor the output rows past the tokenizer. Sampling and `sequence_logprobs` both use the
+    distribution restricted to it."""
     model: torch.nn.Module
     tokenizer: object
     image_processor: object
@@ -71,32 +86,100 @@ class Policy:
     dtype: torch.dtype
     ids: dict                # token ids: im_start, im_end, vision_start, vision_end, image_pad, endoftext
     merge_size: int          # vision tokens merged per side: N image tokens = t*h*w / merge_size**2
+    plain: object = None     # tokenizers.Tokenizer: the BPE without added tokens
+    tag_ids: dict = field(default_factory=dict)    # tag -> id, for the tags that are single tokens
+    sample_mask: torch.Tensor = None                # (V,) bool, True where the policy may sample
+    min_pixels: int = 0      # image budgets (pixels after the processor's resize)
+    max_pixels: int = 0      # question images
+    crop_max_pixels: int = 0  # images returned by tools (crops)
+    sampling: dict = field(default_factory=dict)    # temperature / top_p / top_k from generation_config.json
 
     @property
     def eos_ids(self):
         return {self.ids["im_end"], self.ids["endoftext"]}
 
     def encode_text(self, text):
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Ids of text the policy did not write (questions, pages, tool results): control-token
+        strings are split as ordinary text, invalid unicode is replaced."""
+        return self.plain.encode(clean_text(text), add_special_tokens=False).ids
 
-    def encode_image(self, image):
-        """Process one PIL image -> (pixel_values [P, D], grid_thw [3]); tokens = prod(grid) / merge**2."""
-        out = self.image_processor(images=[image], return_tensors="pt")
+    def encode_image(self, image, max_pixels=None):
+        """Process one PIL image -> (pixel_values [P, D], grid_thw [3]); tokens = prod(grid) / merge**2.
+        The image is resized to at most `max_pixels` (default: the question-image budget)."""
+        size = {"shortest_edge": self.min_pixels, "longest_edge": max_pixels or self.max_pixels}
+        out = self.image_processor(images=[image], size=size, return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"][0]
 
     def shown_size(self, image):
-        """(width, height) of `image` as the model sees it, after the processor's resize."""
+        """(width, height) of `image` as the model saw it (recorded when it entered a trajectory;
+        else as a question image would be shown)."""
+        if "shown_size" in image.info:
+            return image.info["shown_size"]
         _, grid = self.encode_image(image)
         patch = self.image_processor.patch_size
         return int(grid[2]) * patch, int(grid[1]) * patch
 
 
-def load_policy(path, device=None, dtype=None):
+def clean_text(text):
+    """Outside text made safe to tokenize: lone surrogates become '?', NUL becomes U+FFFD."""
+    return str(text).encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
+def make_policy(model, tokenizer, image_processor, device, dtype, min_pixels=None, max_pixels=None,
+                crop_max_pixels=None):
+    """Wrap a loaded model, tokenizer and image processor: token ids, the sampling mask, the
+    plain tokenizer and the image budgets. Raises ValueError when they don't fit together."""
+    from tokenizers import Tokenizer
+
+    config = model.config
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in REQUIRED_SPECIAL if t not in vocab]
+    if missing:
+        raise ValueError(f"the tokenizer lacks the special tokens {missing}; the chat format needs the "
+                         "Qwen-VL ChatML and vision tokens.")
+    names = {"endoftext": "<|endoftext|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>",
+             "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>", "image_pad": "<|image_pad|>"}
+    ids = {k: vocab.get(tok, vocab["<|im_end|>"]) for k, tok in names.items()}
+    if ids["image_pad"] != config.image_token_id:
+        raise ValueError(f"tokenizer's <|image_pad|> is {ids['image_pad']} but the model expects "
+                         f"image_token_id {config.image_token_id}; tokenizer and model don't match.")
+    added = {tok.content: i for i, tok in tokenizer.added_tokens_decoder.items()}
+    tag_ids = {t: added[t] for t in TAGS if t in added}
+    # the plain tokenizer: the same BPE and pre-tokenizer with the added tokens removed
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["added_tokens"] = []
+    plain = Tokenizer.from_str(json.dumps(spec))
+    # sampling mask over the output rows: text, the policy's own tags and the two end tokens
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise ValueError(f"the model has {rows} output rows but the tokenizer {len(tokenizer)} tokens")
+    mask = torch.zeros(rows, dtype=torch.bool)
+    mask[:len(tokenizer)] = True
+    mask[list(added.values())] = False
+    mask[[ids["im_end"], ids["endoftext"]] + [tag_ids[t] for t in POLICY_TAGS if t in tag_ids]] = True
+    factor = image_processor.patch_size * image_processor.merge_size
+    own = image_processor.size
+    agent = AGENT_IMAGE_TOKENS * factor * factor
+    max_pixels = max_pixels or min(own["longest_edge"], agent)
+    crop_max_pixels = crop_max_pixels or min(own["longest_edge"], agent)
+    min_pixels = min_pixels or own["shortest_edge"]
+    for name, value in [("min_pixels", min_pixels), ("max_pixels", max_pixels), ("crop_max_pixels", crop_max_pixels)]:
+        if value < factor * factor:
+            raise ValueError(f"{name}={value} is below one visual token ({factor}x{factor} = {factor * factor} pixels)")
+    gen = getattr(model, "generation_config", None)
+    sampling = {k: getattr(gen, k) for k in ("temperature", "top_p", "top_k") if getattr(gen, k, None) is not None}
+    return Policy(model, tokenizer, image_processor, config.model_type, CROP_CONVENTION[config.model_type],
+                  device, dtype, ids, config.vision_config.spatial_merge_size, plain, tag_ids,
+                  mask.to(device), min_pixels, max_pixels, crop_max_pixels, sampling)
+
+
+def load_policy(path, device=None, dtype=None, min_pixels=None, max_pixels=None, crop_max_pixels=None):
     """Load a Qwen2-VL / Qwen2.5-VL / Qwen3-VL policy from a hub id or a local folder.
 
     Uses AutoTokenizer and AutoImageProcessor (PIL backend) rather than AutoProcessor, which
-    needs torchvision in transformers 5; image placeholders are expanded by `add_message`.
-    """
+    needs torchvision in transformers 5; image placeholders are expanded by the chat format.
+    Image budgets (pixels after resizing): `max_pixels` for question images, `crop_max_pixels`
+    for crops; both default to the processor's own limit capped at AGENT_IMAGE_TOKENS tokens."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     path = str(path)
@@ -117,22 +200,17 @@ def load_policy(path, device=None, dtype=None):
         raise ValueError(f"load_policy: model type {config.model_type!r} is not supported; "
                          f"supported: {', '.join(sorted(CROP_CONVENTION))}.")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS[1:6] if t not in vocab]
+    missing = [t for t in REQUIRED_SPECIAL if t not in tokenizer.get_vocab()]
     if missing:
         raise ValueError(f"load_policy: the tokenizer at {path!r} lacks the special tokens {missing}; "
                          "the chat format needs the Qwen-VL ChatML and vision tokens.")
     image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
     device, dtype = resolve_device(device, dtype)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
-    names = {"endoftext": "<|endoftext|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>",
-             "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>", "image_pad": "<|image_pad|>"}
-    ids = {k: vocab.get(tok, vocab["<|im_end|>"]) for k, tok in names.items()}
-    if ids["image_pad"] != config.image_token_id:
-        raise ValueError(f"load_policy: tokenizer's <|image_pad|> is {ids['image_pad']} but the model "
-                         f"expects image_token_id {config.image_token_id}; tokenizer and model don't match.")
-    return Policy(model, tokenizer, image_processor, config.model_type, CROP_CONVENTION[config.model_type],
-                  device, dtype, ids, config.vision_config.spatial_merge_size)
+    try:
+        return make_policy(model, tokenizer, image_processor, device, dtype, min_pixels, max_pixels, crop_max_pixels)
+    except ValueError as e:
+        raise ValueError(f"load_policy: {path!r}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,25 +225,32 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
     processor with `save_pretrained`. Returns the folder; `load_policy(folder)` loads it back.
     The sizes default to a ~220K-parameter model; larger ones (e.g. Qwen2.5-VL-3B's shape for a
     benchmark: hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008,
-    model_vocab=151936) work the same. model_vocab: embedding rows, at least the tokenizer's."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    model_vocab=151936) work the same. model_vocab: output rows (default: the tokenizer's, rounded
+    up past it to a multiple of 64). The tags that are single tokens follow the family (ADDED_TAGS)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Tokenizer: the Qwen2 pre-tokenizer split (regex, then byte-level), BPE trained on `texts`.
+    if family not in ("qwen2_5_vl", "qwen3_vl"):
+        raise ValueError(f"build_tiny_policy: family must be 'qwen2_5_vl' or 'qwen3_vl', got {family!r}")
+    # Tokenizer: the Qwen2 pre-tokenizer split (regex, then byte-level), BPE trained on `texts`
+    # and the system prompts; then, as in the real vocabularies, the control tokens and the
+    # family's tags as added tokens after the BPE ids.
     split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
     bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(split), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator(list(texts) + TOOL_SCHEMA_TEXTS, trainer)
-    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(list(texts) + [system_prompt(c) for c in CONVENTION_TEXT], trainer)
+    bpe.add_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL])
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TAGS[family]])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tokenizer.save_pretrained(out_dir)
     vocab = tokenizer.get_vocab()
@@ -179,7 +264,9 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
     token_ids = dict(image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
                      vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"])
     head_dim = hidden // heads
-    text = dict(vocab_size=max(len(tokenizer), model_vocab or 0), hidden_size=hidden,
+    # like Qwen's 151,936 rows for ~151,665 tokens, the output layer has rows past the tokenizer
+    rows = max(len(tokenizer), model_vocab or -(-(len(tokenizer) + 1) // 64) * 64)
+    text = dict(vocab_size=rows, hidden_size=hidden,
                 intermediate_size=intermediate or 2 * hidden,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                 max_position_embeddings=4096, bos_token_id=vocab["<|endoftext|>"],
@@ -193,15 +280,13 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
         vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                       num_heads=2, out_hidden_size=hidden, patch_size=patch, spatial_merge_size=2,
                       fullatt_block_indexes=[vision_depth - 1], window_size=factor * 2)
-    elif family == "qwen3_vl":
+    else:
         from transformers import Qwen3VLConfig as Config
         text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                          "mrope_section": mrope, "mrope_interleaved": True})
         vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                       num_heads=2, out_hidden_size=hidden, patch_size=patch, spatial_merge_size=2,
                       deepstack_visual_indexes=[0], num_position_embeddings=64)
-    else:
-        raise ValueError(f"build_tiny_policy: family must be 'qwen2_5_vl' or 'qwen3_vl', got {family!r}")
     config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
@@ -214,16 +299,22 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
 # ----------------------------------------------------------------------------------------------
 # 3. Chat format and trajectories
 #
-#   <|im_start|>system\n{tools}<|im_end|>\n                       loss_mask 0
-#   <|im_start|>user\n<|vision_start|><|image_pad|>*N<|vision_end|>{question}<|im_end|>\n   0
-#   <|im_start|>assistant\n                                        0
-#   <think>...</think><tool_call>{...}</tool_call><|im_end|>       1  (what the policy samples)
-#   \n                                                             0
-#   <|im_start|>user\n<tool_response>\n...\n</tool_response><|im_end|>\n    0  (tool output)
+# The Qwen2.5 / Qwen3 chat templates, rendered piece by piece (<tool_call>, <think> and, in
+# Qwen3, <tool_response> are single tokens; elsewhere they are text):
 #
-# Each segment is tokenized once and appended; a trajectory is never decoded and re-encoded.
+#   <|im_start|>system\n{instructions}\n\n# Tools ... <tools>\n{schemas}\n</tools> ...<|im_end|>\n   loss_mask 0
+#   <|im_start|>user\n<|vision_start|><|image_pad|>*N<|vision_end|>{question}<|im_end|>\n     0
+#   <|im_start|>assistant\n                                                                  0
+#   <think>...</think>\n<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call><|im_end|> 1  (what the policy samples)
+#   \n                                                                                       0
+#   <|im_start|>user\n<tool_response>\n{result 1}\n</tool_response>\n<tool_response>\n{result 2}\n</tool_response><|im_end|>\n   0
+#
+# Control tokens (ChatML, vision, the single-token tags) come only from this code. Between two
+# control tokens, the template's fixed text and the message's text form one run that is
+# tokenized at once: byte-level BPE merges across them (".\n" is one token), so this is what
+# makes the ids equal those of the rendered conversation tokenized whole. A trajectory is never
+# decoded and re-encoded.
 
-TOOL_SCHEMA_TEXTS = [json.dumps(t) for t in TOOL_SCHEMAS]
 CONVENTION_TEXT = {
     "abs": "absolute pixel coordinates of the image as you see it",
     "rel1000": "coordinates on a 0-1000 grid relative to the image's width and height",
@@ -232,14 +323,24 @@ CONVENTION_TEXT = {
 
 
 def system_prompt(crop_convention="abs"):
-    """The system message: how to think, call tools and answer, and every tool's JSON schema."""
-    tools = "\n".join(TOOL_SCHEMA_TEXTS)
-    return ("You answer questions about images. Think inside <think>...</think>. To use tools, write "
-            "one or more <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call> blocks and end "
-            "your turn; results come back inside <tool_response>. When you know the answer, write "
-            "<answer>...</answer>.\n"
-            f"Tools:\n{tools}\n"
-            f"Boxes are [x1, y1, x2, y2] in {CONVENTION_TEXT[crop_convention]}.")
+    """The system message: our instructions, then the tools exactly as the Qwen2.5 / Qwen3 chat
+    templates offer them (a `# Tools` section, one OpenAI-style signature per line)."""
+    signatures = "\n".join(json.dumps({"type": "function", "function": t}, ensure_ascii=False) for t in TOOL_SCHEMAS)
+    return ("You answer questions about images. Think inside <think>...</think>, then either call tools "
+            "or, when you know the answer, write it inside <answer>...</answer>. Tool results come back "
+            "inside <tool_response>...</tool_response>. Images are numbered 0 for the question image, then "
+            f"1, 2, ... in the order you receive them. Boxes are [x1, y1, x2, y2] in {CONVENTION_TEXT[crop_convention]}."
+            "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+            f"{signatures}\n</tools>\n\n"
+            "For each function call, return a json object with function name and arguments within "
+            "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+
+
+def format_tool_call(name, arguments):
+    """A tool call as the Qwen templates write it."""
+    return f'<tool_call>\n{json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)}\n</tool_call>'
 
 
 @dataclass
@@ -262,8 +363,9 @@ class Trajectory:
     meta: dict = field(default_factory=dict)
 
     def append(self, ids, mask, logprobs=None):
+        """Append ids with one mask value for all (int) or one per id (list)."""
         self.input_ids.extend(ids)
-        self.loss_mask.extend([mask] * len(ids))
+        self.loss_mask.extend(mask if isinstance(mask, list) else [mask] * len(ids))
         self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
 
 
@@ -274,47 +376,106 @@ def _content_parts(content):
     if not isinstance(content, list):
         raise ValueError(f"message content must be a string or a list of parts, got {type(content).__name__}")
     for part in content:
-        if not isinstance(part, dict) or part.get("type") not in ("text", "image"):
-            raise ValueError(f"content part {part!r} must be {{'type': 'text', 'text': ...}} or {{'type': 'image'}}")
+        if not isinstance(part, dict) or part.get("type") not in ("text", "image") or \
+                (part["type"] == "text" and not isinstance(part.get("text"), str)):
+            raise ValueError(f"content part {part!r} must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}")
     return content
 
 
-def encode_content(policy, traj, parts, images):
-    """Token ids for message content: text runs tokenized as they are, each image expanded to
-    <|vision_start|> + N x <|image_pad|> + <|vision_end|> with N from the processor's grid.
-    Appends the images (and their processed pixels) to `traj`; `images` is consumed in order."""
-    ids, images = [], list(images)
+def split_tags(policy, text, tags):
+    """text -> [str | int]: occurrences of `tags` that are single tokens in this vocabulary become
+    their ids; everything else stays text."""
+    import re
+    ids = {t: policy.tag_ids[t] for t in tags if t in policy.tag_ids}
+    if not ids:
+        return [text]
+    pieces = re.split("(" + "|".join(map(re.escape, ids)) + ")", text)
+    return [ids[p] if i % 2 else p for i, p in enumerate(pieces) if p]
+
+
+def encode_assistant(policy, text):
+    """Ids of text the policy writes (forced or SFT assistant turns): its own tags are tokens."""
+    return [p for piece in split_tags(policy, clean_text(text), POLICY_TAGS)
+            for p in ([piece] if isinstance(piece, int) else policy.encode_text(piece))]
+
+
+def _content_pieces(policy, parts, images, tags, mask):
+    """Message content -> [(piece, mask)]: text with `tags` made tokens, images as PIL images."""
+    pieces, images = [], list(images)
     for part in parts:
         if part["type"] == "text":
-            ids += policy.encode_text(part["text"]) if part["text"] else []
-            continue
-        if not images:
+            pieces += [(p, mask) for p in split_tags(policy, clean_text(part["text"]), tags)]
+        elif not images:
             raise ValueError("a message has more {'type': 'image'} parts than images were given")
-        image = images.pop(0)
-        pixel_values, grid = policy.encode_image(image)
+        else:
+            pieces.append((images.pop(0), mask))
+    return pieces
+
+
+def _append_pieces(policy, traj, pieces, max_pixels):
+    """Tokenize and append [(piece, mask)] pieces: str (text), int (a control token id) or a PIL
+    image (<|vision_start|> + N x <|image_pad|> + <|vision_end|>, N from the processor's grid).
+    Neighbouring text pieces are tokenized as one run; a token takes the mask of the piece its
+    last character belongs to (a token straddling the assistant header and content is content)."""
+    import bisect
+    run, ends, masks = "", [], []
+    for piece, mask in pieces + [(None, 0)]:
+        if isinstance(piece, str):
+            run += piece
+            ends.append(len(run))
+            masks.append(mask)
+            continue
+        if run:
+            enc = policy.plain.encode(run, add_special_tokens=False)
+            traj.append(enc.ids, [masks[bisect.bisect_left(ends, max(end, 1))] for _, end in enc.offsets])
+            run, ends, masks = "", [], []
+        if piece is None:
+            break
+        if isinstance(piece, int):
+            traj.append([piece], mask)
+            continue
+        pixel_values, grid = policy.encode_image(piece, max_pixels)
+        patch = policy.image_processor.patch_size
+        piece.info["shown_size"] = (int(grid[2]) * patch, int(grid[1]) * patch)
         n = int(grid.prod()) // policy.merge_size ** 2
-        ids += [policy.ids["vision_start"]] + [policy.ids["image_pad"]] * n + [policy.ids["vision_end"]]
-        traj.images.append(image)
+        traj.append([policy.ids["vision_start"]] + [policy.ids["image_pad"]] * n + [policy.ids["vision_end"]], mask)
+        traj.images.append(piece)
         traj.image_inputs.append((pixel_values, grid))
-    return ids
 
 
 def add_message(policy, traj, role, content, images=()):
     """Tokenize one message and append it to `traj` with its loss mask (see the table above).
-    role "tool" is rendered as a user turn wrapped in <tool_response>...</tool_response>."""
-    parts = _content_parts(content)
-    enc = policy.encode_text
-    traj.messages.append({"role": role, "content": content})
-    traj.append([policy.ids["im_start"]] + enc(("user" if role == "tool" else role) + "\n"), 0)
+    role "tool" is one tool result in its own user turn; use `add_tool_results` for several."""
     if role == "tool":
-        parts = [{"type": "text", "text": "<tool_response>\n"}] + list(parts) + \
-                [{"type": "text", "text": "\n</tool_response>"}]
-    body = encode_content(policy, traj, parts, images)
-    if role == "assistant":
-        traj.append(body + [policy.ids["im_end"]], 1)
-        traj.append(enc("\n"), 0)
-    else:
-        traj.append(body + [policy.ids["im_end"]] + enc("\n"), 0)
+        return add_tool_results(policy, traj, [content], images)
+    if role not in ("system", "user", "assistant"):
+        raise ValueError(f"unknown role {role!r}: use system, user, assistant or tool")
+    traj.messages.append({"role": role, "content": content})
+    mask = int(role == "assistant")
+    tags = POLICY_TAGS if role == "assistant" else TAGS if role == "system" else ()
+    pieces = [(policy.ids["im_start"], 0), (role + "\n", 0)]
+    pieces += _content_pieces(policy, _content_parts(content), images, tags, mask)
+    pieces += [(policy.ids["im_end"], mask), ("\n", 0)]
+    _append_pieces(policy, traj, pieces, policy.max_pixels)
+
+
+def add_tool_results(policy, traj, contents, images=()):
+    """Append one user turn holding each tool result in its own <tool_response>...</tool_response>,
+    as the Qwen templates group consecutive tool messages. `images`: the results' images in order."""
+    open_tag, close_tag = (policy.tag_ids.get(t, t) for t in ("<tool_response>", "</tool_response>"))
+    pieces, images = [(policy.ids["im_start"], 0), ("user", 0)], list(images)
+    for content in contents:
+        parts = _content_parts(content)
+        n = sum(p["type"] == "image" for p in parts)
+        if n > len(images):
+            raise ValueError("a message has more {'type': 'image'} parts than images were given")
+        traj.messages.append({"role": "tool", "content": content})
+        pieces += [("\n", 0), (open_tag, 0), ("\n", 0)]
+        pieces += _content_pieces(policy, parts, images[:n], (), 0)
+        pieces += [("\n", 0), (close_tag, 0)]
+        images = images[n:]
+    pieces += [(policy.ids["im_end"], 0), ("\n", 0)]
+    _append_pieces(policy, traj, pieces, policy.crop_max_pixels)
 
 
 def new_trajectory(policy, task, system=None):
@@ -359,11 +520,20 @@ def trajectory_from_record(policy, record, root=None):
             setattr(traj, key, record[key])
     traj.meta = {k: v for k, v in record.items()
                  if k not in ("id", "images", "image", "messages", "finish_reason", "turns", "tool_calls")}
-    for msg in record["messages"]:
-        parts = _content_parts(msg["content"])
-        n_images = sum(p["type"] == "image" for p in parts)
-        add_message(policy, traj, msg["role"], msg["content"], images[:n_images])
+    messages = record["messages"]
+    i = 0
+    while i < len(messages):   # consecutive tool messages form one user turn
+        j = i + 1
+        while messages[i].get("role") == "tool" and j < len(messages) and messages[j].get("role") == "tool":
+            j += 1
+        contents = [m.get("content") for m in messages[i:j]]
+        n_images = sum(p["type"] == "image" for c in contents for p in _content_parts(c))
+        if messages[i].get("role") == "tool":
+            add_tool_results(policy, traj, contents, images[:n_images])
+        else:
+            add_message(policy, traj, messages[i].get("role"), contents[0], images[:n_images])
         images = images[n_images:]
+        i = j
     if images:
         raise ValueError(f"record {traj.id!r} lists {len(images)} more image(s) than its messages use")
     return traj
@@ -429,21 +599,25 @@ def collate(policy, trajs):
 # and through z = h W^T / T:  dh = dz W / T,  dW = dz^T h / T.
 
 LOGIT_BUDGET = 1 << 25   # floats of logits per chunk (128 MB in fp32) when chunk_size is None
+BLOCKED = -1e30          # logit of an id outside vocab_mask: exp() is exactly 0, and 0 * BLOCKED stays finite
 
 
-def _chunk_logits(h, weight, temperature, out):
-    """(c, H) @ (V, H).T / T -> `out` (c, V), computed in out's dtype (fp32, or fp64 for gradcheck).
-    Writing into one reused buffer avoids a fresh 100 MB allocation (and its page faults) per chunk."""
+def _chunk_logits(h, weight, temperature, out, blocked=None):
+    """(c, H) @ (V, H).T / T -> `out` (c, V), computed in out's dtype (fp32, or fp64 for gradcheck),
+    with the ids in `blocked` (V,) bool set to BLOCKED. Writing into one reused buffer avoids a
+    fresh 100 MB allocation (and its page faults) per chunk."""
     if h.dtype == out.dtype:
         torch.mm(h, weight.t(), out=out)
     else:   # bf16/fp16 GEMM, then upcast: the log-softmax itself is always done in fp32
         out.copy_(h @ weight.t())
-    return out.div_(temperature) if temperature != 1.0 else out
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out.masked_fill_(blocked, BLOCKED) if blocked is not None else out
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, blocked):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         N, V = hidden.shape[0], weight.shape[0]
         logp = hidden.new_empty(N, dtype=acc)
@@ -453,7 +627,7 @@ class _TokenLogprobs(torch.autograd.Function):
         ebuf = torch.empty_like(buf) if with_entropy else None
         for s in range(0, N, chunk_size):
             c = min(chunk_size, N - s)
-            z = _chunk_logits(hidden[s:s + c], weight, temperature, buf[:c])
+            z = _chunk_logits(hidden[s:s + c], weight, temperature, buf[:c], blocked)
             m = z.amax(dim=-1, keepdim=True)                                    # (c, 1) for stability
             target = z.gather(1, targets[s:s + c, None])[:, 0]
             z.sub_(m)                                                           # z' = z - max
@@ -464,6 +638,7 @@ class _TokenLogprobs(torch.autograd.Function):
             if with_entropy:   # H = lse - sum_j p_j z_j = log(total) - sum_j e_j z'_j / total
                 ent[s:s + c] = total.log() - z.mul_(e).sum(-1) / total
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.blocked = blocked
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         return (logp, ent) if with_entropy else logp
 
@@ -484,7 +659,7 @@ class _TokenLogprobs(torch.autograd.Function):
         for s in range(0, N, C):
             c = min(C, N - s)
             h = hidden[s:s + c]
-            logp_all = _chunk_logits(h, weight, T, buf[:c]).sub_(lse[s:s + c, None])   # (c, V) log p
+            logp_all = _chunk_logits(h, weight, T, buf[:c], ctx.blocked).sub_(lse[s:s + c, None])   # (c, V) log p
             g = g_logp[s:s + c, None]
             if use_ent:   # dz = g (onehot - p) - g_H p (log p + H)
                 p = torch.exp(logp_all, out=pbuf[:c])
@@ -503,16 +678,18 @@ class _TokenLogprobs(torch.autograd.Function):
             if need_w:
                 grad_w.addmm_(dz.t(), h.to(acc))
         grad_w = grad_w.to(weight.dtype) if need_w else None
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, with_entropy=False):
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, with_entropy=False,
+                   vocab_mask=None):
     """log softmax(hidden @ weight.T / temperature)[targets], without ever holding [N, V] logits.
 
     hidden (N, H), weight (V, H), targets (N,) -> log-probs (N,) in float32 (float64 for float64
     inputs), and the entropy (N,) of each row's distribution when `with_entropy`. Differentiable
     in hidden and weight (tied embeddings too). chunk_size: tokens per chunk; by default as many
-    as fit LOGIT_BUDGET floats of logits."""
+    as fit LOGIT_BUDGET floats of logits. vocab_mask (V,) bool: the softmax runs over these ids
+    only (the policy's sampling distribution, Policy.sample_mask); targets must lie inside it."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: want hidden (N, H) and weight (V, H), got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -520,8 +697,17 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, wi
         raise ValueError(f"token_logprobs: targets {tuple(targets.shape)} must be ({hidden.shape[0]},)")
     if chunk_size is None:
         chunk_size = max(1, LOGIT_BUDGET // weight.shape[0])
+    blocked = None
+    if vocab_mask is not None:
+        if vocab_mask.shape != weight.shape[:1]:
+            raise ValueError(f"token_logprobs: vocab_mask {tuple(vocab_mask.shape)} must be ({weight.shape[0]},)")
+        blocked = ~vocab_mask.to(hidden.device)
+        bad = targets[blocked[targets]]
+        if len(bad):
+            raise ValueError(f"token_logprobs: target id(s) {sorted(set(bad.tolist()))[:5]} are outside vocab_mask "
+                             "(control or vision tokens where the policy writes): check the data's loss mask")
     return _TokenLogprobs.apply(hidden, weight, targets.long(), float(temperature), int(chunk_size),
-                                bool(with_entropy))
+                                bool(with_entropy), blocked)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +725,8 @@ def final_hidden_states(policy, batch):
 
 
 def sequence_logprobs(policy, batch, temperature=1.0, with_entropy=False):
-    """Per-token log-probs of a collated batch, computed only where loss_mask is 1.
+    """Per-token log-probs of a collated batch, computed only where loss_mask is 1, under the
+    policy's sampling distribution (softmax over Policy.sample_mask, the one the rollout samples from).
 
     Returns logp (B, L) float32 with logp[b, t] = log p(token t | tokens < t) at positions where
     loss_mask[b, t] == 1 and 0 elsewhere (so it lines up with loss_mask), and the entropy (B, L)
@@ -549,7 +736,7 @@ def sequence_logprobs(policy, batch, temperature=1.0, with_entropy=False):
     h = hidden[:, :-1][mask]                                        # (N, H)
     targets = batch["input_ids"][:, 1:][mask]                       # (N,)
     weight = policy.model.get_output_embeddings().weight            # (V, H)
-    out = token_logprobs(h, weight, targets, temperature, with_entropy=with_entropy)
+    out = token_logprobs(h, weight, targets, temperature, with_entropy=with_entropy, vocab_mask=policy.sample_mask)
     logp_n, ent_n = out if with_entropy else (out, None)
     B, L = batch["input_ids"].shape
     logp = hidden.new_zeros((B, L), dtype=torch.float32)
@@ -566,7 +753,7 @@ def sequence_logprobs(policy, batch, temperature=1.0, with_entropy=False):
 #
 # Our own decoding over model.forward with a KV cache, in calling order:
 #   rollout -> run_turn -> prefill (new tokens of every row, batched) -> decode_one_token (repeat)
-#           -> _after_turn (finish, or run every row's calls concurrently and add_message("tool"))
+#           -> _after_turn (finish, or run every row's calls concurrently and add_tool_results)
 #
 # Each row (one sample of one task) keeps its own keys/values between turns, with no holes. A
 # phase of the loop stacks the active rows into one batch cache, left-padding shorter rows (the
@@ -645,16 +832,22 @@ def repeats_itself(tokens, max_n=16, min_repeats=4, min_span=48):
     return False
 
 
-def sample(logits, temperature, top_p, generator):
-    """Sample one token per row from (B, V) logits. Returns tokens (B,) and their float32 log-probs
-    under the temperature-scaled distribution (before top-p truncation), the distribution
+def sample(logits, temperature, top_p, generator, mask=None, top_k=0):
+    """Sample one token per row from (B, V) logits, only among the ids where `mask` (V,) is True.
+    Returns tokens (B,) and their float32 log-probs under the temperature-scaled distribution
+    restricted to `mask` (before top-k/top-p truncation): the distribution that
     sequence_logprobs(..., temperature) recomputes. Temperature 0 is greedy (log-probs at T = 1)."""
     logits = logits.float()
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
     if temperature == 0:
         tokens = logits.argmax(-1)
         return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
     logp = torch.log_softmax(logits / temperature, -1)
     probs = logp.exp()
+    if top_k and top_k < probs.shape[-1]:   # keep the k most likely ids
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
     if top_p < 1.0:   # nucleus: keep the smallest set of tokens whose mass reaches top_p
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p
@@ -712,7 +905,7 @@ def prefill(policy, rows, temperature):
         if r.turn_end == "forced":   # log p(token i) comes from the hidden state at i - 1
             forced = range(len(r.traj.input_ids) - len(r.turn_tokens), len(r.traj.input_ids))
             at = torch.tensor([i - 1 - r.n_cached for i in forced], device=dev)
-            z = _lm_head(policy, hidden[b, at]).float()
+            z = _lm_head(policy, hidden[b, at]).float().masked_fill(~policy.sample_mask, float("-inf"))
             t = torch.tensor([r.traj.input_ids[i] for i in forced], device=dev)
             lp = torch.log_softmax(z / (temperature or 1.0), -1).gather(1, t[:, None])[:, 0]
             for i, v in zip(forced, lp.tolist()):
@@ -742,7 +935,8 @@ def run_turn(policy, rows, limits, generator):
     logits = logits[torch.tensor(live, device=logits.device)] if not all(live) else logits
     eos = policy.eos_ids
     while batch.rows:
-        tokens, logp = sample(logits, limits["temperature"], limits["top_p"], generator)
+        tokens, logp = sample(logits, limits["temperature"], limits["top_p"], generator, policy.sample_mask,
+                              limits["top_k"])
         done = []
         for b, (r, t, lp) in enumerate(zip(batch.rows, tokens.tolist(), logp.tolist())):
             r.turn_tokens.append(t)
@@ -778,7 +972,7 @@ def _end(row, reason):
 
 
 def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_context=8192, max_images=8,
-            temperature=1.0, top_p=1.0, seed=0, max_batch=16, max_tool_failures=3, forced=None,
+            temperature=1.0, top_p=1.0, top_k=0, seed=0, max_batch=16, max_tool_failures=3, forced=None,
             system=None, progress=True):
     """Sample `n` multi-turn trajectories per task, all rows decoding together.
 
@@ -787,13 +981,16 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
     Limits: max_turns (assistant turns), max_new_tokens (per turn), max_context (tokens),
     max_images (question images plus crops), max_batch (rows decoding at once: bounds memory),
     max_tool_failures (consecutive turns whose calls all failed).
+    Sampling: temperature (0 = greedy), top_p, top_k (0 = off), always restricted to the ids in
+    policy.sample_mask (text, the policy's tags, <|im_end|>): never a vision or control token.
     forced: optional callable (task, turn) -> assistant text or None; forced text is scored by
     the model (its log-probs recorded) instead of sampled. For tests and oracle trajectories.
     Returns trajectories in task order (n per task), each with finish_reason, tool_calls,
     per-token sampling log-probs and meta["stats"], meta["over_turn"]."""
     from tqdm.auto import tqdm
 
-    limits = dict(max_new_tokens=max_new_tokens, max_context=max_context, temperature=temperature, top_p=top_p)
+    limits = dict(max_new_tokens=max_new_tokens, max_context=max_context, temperature=temperature, top_p=top_p,
+                  top_k=top_k)
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     rows = [Row(new_trajectory(policy, task, system), task) for task in tasks for _ in range(n)]
     left = Counter(i // n for i in range(len(rows)))
@@ -816,7 +1013,7 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
                 r.turn_tokens, r.turn_logprobs, r.turn_end = [], [], None
                 text = forced(r.task, turn) if forced else None
                 if text is not None:
-                    ids = policy.encode_text(text) + [policy.ids["im_end"]]
+                    ids = encode_assistant(policy, text) + [policy.ids["im_end"]]
                     r.traj.append(ids, 1)
                     r.turn_tokens, r.turn_end = ids, "forced"
             run_turn(policy, active, limits, generator)
@@ -877,7 +1074,7 @@ def _after_turn(policy, rows, toolbox, turn, max_turns, max_images, max_context,
         elif len(r.traj.images) + len(obs.images) > max_images:
             _end(r, "max_images")
         else:
-            add_message(policy, r.traj, "tool", obs.content, obs.images)
+            add_tool_results(policy, r.traj, obs.responses, obs.images)
             if len(r.traj.input_ids) + len(header) + 1 >= max_context:
                 _end(r, "max_context")
             else:

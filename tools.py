@@ -52,15 +52,15 @@ TOOL_SCHEMAS = [
                        "1, 2, ... for every image received since, in order.",
         "parameters": {"type": "object", "properties": {
             "image": {"type": "integer", "default": 0},
-            "bbox": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4}},
-            "required": ["bbox"]},
+            "bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4}},
+            "required": ["bbox_2d"]},
     },
     {
         "name": "image_search",
-        "description": "Reverse image search on an image, or on a region of it when `bbox` is given.",
+        "description": "Reverse image search on an image, or on a region of it when `bbox_2d` is given.",
         "parameters": {"type": "object", "properties": {
             "image": {"type": "integer", "default": 0},
-            "bbox": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4}},
+            "bbox_2d": {"type": "array", "items": {"type": "number"}, "minItems": 4, "maxItems": 4}},
             "required": []},
     },
     {
@@ -81,11 +81,13 @@ TOOL_SCHEMAS = [
 
 TOOL_NAMES = [t["name"] for t in TOOL_SCHEMAS]
 EXAMPLES = {
-    "crop": '{"name": "crop", "arguments": {"image": 0, "bbox": [x1, y1, x2, y2]}}',
+    "crop": '{"name": "crop", "arguments": {"image": 0, "bbox_2d": [x1, y1, x2, y2]}}',
     "image_search": '{"name": "image_search", "arguments": {"image": 0}}',
     "text_search": '{"name": "text_search", "arguments": {"query": "..."}}',
     "visit": '{"name": "visit", "arguments": {"url": "https://...", "goal": "..."}}',
 }
+ALIASES = {"bbox": "bbox_2d"}   # other names models write for an argument
+IGNORED = {"label"}             # Qwen-VL grounding writes a label beside bbox_2d
 CALL_RE = re.compile(r"<tool_call>(.*?)(?:</tool_call>|(?=<tool_call>)|$)", re.DOTALL)
 FENCE_RE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
 
@@ -94,6 +96,12 @@ def _check_arguments(name, args):
     """Type-check one call's arguments against its schema; returns the cleaned arguments."""
     schema = next(t for t in TOOL_SCHEMAS if t["name"] == name)["parameters"]
     props, required = schema["properties"], schema["required"]
+    args = {k: v for k, v in args.items() if k not in IGNORED}
+    for alias, key in ALIASES.items():
+        if alias in args and key in props:
+            if key in args:
+                raise ToolError(f"{name}: give {key!r} only, not both {key!r} and {alias!r}")
+            args[key] = args.pop(alias)
     unknown = sorted(set(args) - set(props))
     if unknown:
         raise ToolError(f"{name} takes no argument(s) {unknown}; its arguments are {sorted(props)}")
@@ -152,7 +160,7 @@ def parse_tool_calls(text):
             except ToolError as e:
                 name = re.search(r'"name"\s*:\s*"(\w+)"', body)
                 example = EXAMPLES.get(name.group(1) if name else "", EXAMPLES["text_search"])
-                errors.append(f"tool call {i}: {e}. Correct form: <tool_call>{example}</tool_call>")
+                errors.append(f"tool call {i}: {e}. Correct form: <tool_call>\n{example}\n</tool_call>")
     except Exception as e:   # belt and braces: parsing must never take a rollout down
         errors.append(f"could not parse tool calls: {type(e).__name__}")
     return calls, errors
@@ -707,9 +715,10 @@ class Cache:
 
 @dataclass
 class Observation:
-    """A tool-response turn: `content` parts ({"type": "text"} / {"type": "image"}) for the chat
-    format, the new `images` (crops) in order, and a result per call for logging."""
-    content: list
+    """A tool-response turn: `responses`, one content list ({"type": "text"} / {"type": "image"}
+    parts) per call or parse error, each shown in its own <tool_response>; the new `images`
+    (crops) in order; a result per call for logging."""
+    responses: list
     images: list
     results: list
     errors: int = 0
@@ -745,10 +754,10 @@ class Toolbox:
         if not 0 <= i < len(images):
             raise ToolError(f"image {i} does not exist; images are numbered 0 to {len(images) - 1}")
         image = images[i]
-        if args.get("bbox") is None:
+        if args.get("bbox_2d") is None:
             return image
         shown = self.shown_size(image) if (self.shown_size and self.convention == "abs") else None
-        return crop(image, args["bbox"], self.convention, shown, self.crop_settings)
+        return crop(image, args["bbox_2d"], self.convention, shown, self.crop_settings)
 
     def _call(self, call, images):
         """One call -> (text, image or None). Raises ToolError on failure."""
@@ -776,13 +785,14 @@ class Toolbox:
 
     def run(self, calls, images, parse_errors=()):
         """Execute one turn's calls. `images`: every image the agent has so far (0 = the question
-        image); crops are numbered after them. `parse_errors` (from parse_tool_calls) are shown too."""
+        image); crops are numbered after them. `parse_errors` (from parse_tool_calls) are shown too,
+        each as its own response."""
         futures = [self.pool.submit(self._call, call, list(images)) for call in calls]
         deadline = time.monotonic() + self.call_timeout
-        content, new_images, results, errors = [], [], [], 0
+        responses, new_images, results, errors = [], [], [], 0
         budget = self.obs_chars // max(1, len(calls))
-        for n, (call, fut) in enumerate(zip(calls, futures), start=1):
-            head = f"[{n}] {call['name']} {json.dumps(call['arguments'], ensure_ascii=False)}"
+        for call, fut in zip(calls, futures):
+            head = f"{call['name']} {json.dumps(call['arguments'], ensure_ascii=False)}"
             try:
                 text, image = fut.result(timeout=max(0.0, deadline - time.monotonic()))
                 ok, err = True, None
@@ -798,38 +808,24 @@ class Toolbox:
             results.append({"name": call["name"], "arguments": call["arguments"], "ok": ok, "error": err})
             if not ok:
                 errors += 1
-                content.append({"type": "text", "text": f"{head}\nError: {err}\n"})
+                responses.append([{"type": "text", "text": f"{head}\nError: {err}"}])
             elif image is not None:
                 new_images.append(image)
                 number = len(images) + len(new_images) - 1
-                content.append({"type": "text", "text": f"{head}\nImage {number} ({image.width}x{image.height}):"})
-                content.append({"type": "image"})
-                content.append({"type": "text", "text": "\n"})
+                responses.append([{"type": "text", "text": f"{head}\nImage {number} ({image.width}x{image.height}):"},
+                                  {"type": "image"}])
             else:
                 text = text if len(text) <= budget else text[:budget] + "..."
-                content.append({"type": "text", "text": f"{head}\n{text}\n"})
+                responses.append([{"type": "text", "text": f"{head}\n{text}"}])
         for err in parse_errors:
             errors += 1
-            content.append({"type": "text", "text": f"Error: {err}\n"})
+            responses.append([{"type": "text", "text": f"Error: {err}"}])
         if not calls and not parse_errors:
-            content.append({"type": "text", "text": "No tool call found. Call a tool or give <answer>...</answer>.\n"})
-        return Observation(merge_text(content), new_images, results, errors)
+            responses.append([{"type": "text", "text": "No tool call found. Call a tool or give <answer>...</answer>."}])
+        return Observation(responses, new_images, results, errors)
 
 
 def format_results(hits):
     if not hits:
         return "No results."
     return "\n".join(f"{i}. {h['title']} ({h['url']})\n   {h['snippet']}" for i, h in enumerate(hits, 1))
-
-
-def merge_text(parts):
-    """Join neighbouring text parts so a tool turn is a few text runs around its images."""
-    out = []
-    for p in parts:
-        if p["type"] == "text" and out and out[-1]["type"] == "text":
-            out[-1] = {"type": "text", "text": out[-1]["text"] + p["text"]}
-        else:
-            out.append(dict(p))
-    if out and out[-1]["type"] == "text":
-        out[-1]["text"] = out[-1]["text"].rstrip("\n")
-    return out

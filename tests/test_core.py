@@ -8,23 +8,36 @@ from PIL import Image
 import mmsearch_r1 as core
 
 
-def render(messages, image_tokens):
-    """The whole conversation as one ChatML string (an independent oracle for the tokenizer test)."""
-    out = []
-    for msg in messages:
+def render(messages, image_tokens=()):
+    """The whole conversation as one string, the way the Qwen2.5 / Qwen3 chat templates lay it out
+    (consecutive tool messages share one user turn): an independent oracle for the chat format."""
+    image_tokens, out = list(image_tokens), []
+    for i, msg in enumerate(messages):
         content = msg["content"]
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         body = "".join(p["text"] if p["type"] == "text" else
                        "<|vision_start|>" + "<|image_pad|>" * image_tokens.pop(0) + "<|vision_end|>"
                        for p in parts)
         if msg["role"] == "tool":
-            out.append(f"<|im_start|>user\n<tool_response>\n{body}\n</tool_response><|im_end|>\n")
+            first = i == 0 or messages[i - 1]["role"] != "tool"
+            last = i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
+            out.append(("<|im_start|>user" if first else "") + f"\n<tool_response>\n{body}\n</tool_response>"
+                       + ("<|im_end|>\n" if last else ""))
         else:
             out.append(f"<|im_start|>{msg['role']}\n{body}<|im_end|>\n")
     return "".join(out)
 
 
-CALL = '<think>zoom in</think><tool_call>{"name": "crop", "arguments": {"bbox": [1, 2, 30, 40]}}</tool_call>'
+def full_ids(policy, messages, image_tokens=()):
+    """The rendered conversation tokenized at once by the checkpoint's own tokenizer."""
+    return policy.tokenizer(render(messages, image_tokens), add_special_tokens=False)["input_ids"]
+
+
+def add_all(policy, traj, messages, images=()):
+    core.trajectory_from_record(policy, {"messages": messages, "images": list(images)})
+
+
+CALL = ('<think>zoom in</think>\n<tool_call>\n{"name": "crop", "arguments": {"bbox_2d": [1, 2, 30, 40]}}\n</tool_call>')
 MESSAGES = [
     {"role": "system", "content": core.system_prompt("abs")},
     {"role": "user", "content": "What tower is this? It's in France."},
@@ -34,40 +47,37 @@ MESSAGES = [
 ]
 
 
-def test_segment_tokenization_equals_full_text(policy):
-    traj = core.Trajectory()
-    for m in MESSAGES:
-        core.add_message(policy, traj, m["role"], m["content"])
-    full = policy.encode_text(render(MESSAGES, []))
-    assert traj.input_ids == full
+@pytest.mark.parametrize("fixture", ["policy", "policy3"])
+def test_segment_tokenization_equals_full_text(fixture, request):
+    policy = request.getfixturevalue(fixture)
+    traj = core.trajectory_from_record(policy, {"messages": MESSAGES})
+    assert traj.input_ids == full_ids(policy, MESSAGES)
 
 
 def test_image_pads_match_processor_grid(policy):
     images = [Image.new("RGB", (150, 100), "red"), Image.new("RGB", (40, 90), "blue")]
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
             {"role": "tool", "content": [{"type": "text", "text": "crop:"}, {"type": "image"}]}]
-    traj = core.Trajectory()
-    core.add_message(policy, traj, "user", msgs[0]["content"], images[:1])
-    core.add_message(policy, traj, "tool", msgs[1]["content"], images[1:])
+    traj = core.trajectory_from_record(policy, {"messages": msgs, "images": images})
     counts = []
     for image in images:
         grid = policy.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
         counts.append(int(grid.prod()) // policy.merge_size ** 2)
     assert traj.input_ids.count(policy.ids["image_pad"]) == sum(counts)
-    assert traj.input_ids == policy.encode_text(render(msgs, list(counts)))
+    assert traj.input_ids == full_ids(policy, msgs, counts)
     assert [tuple(g.tolist()) for _, g in traj.image_inputs] == \
         [tuple(policy.encode_image(im)[1].tolist()) for im in images]
 
 
-def test_loss_mask_is_assistant_content_and_im_end(policy):
-    traj = core.Trajectory()
-    for m in MESSAGES:
-        core.add_message(policy, traj, m["role"], m["content"])
+@pytest.mark.parametrize("fixture", ["policy", "policy3"])
+def test_loss_mask_is_assistant_content_and_im_end(fixture, request):
+    policy = request.getfixturevalue(fixture)
+    traj = core.trajectory_from_record(policy, {"messages": MESSAGES})
     masked = [t for t, m in zip(traj.input_ids, traj.loss_mask) if m]
     want = []
     for m in MESSAGES:
         if m["role"] == "assistant":
-            want += policy.encode_text(m["content"]) + [policy.ids["im_end"]]
+            want += core.encode_assistant(policy, m["content"]) + [policy.ids["im_end"]]
     assert masked == want
     # every masked run ends with <|im_end|> and starts right after "<|im_start|>assistant\n"
     header = [policy.ids["im_start"]] + policy.encode_text("assistant\n")
@@ -113,8 +123,8 @@ def test_sequence_logprobs_match_model_logits(fixture, request):
     for size, question in [((120, 90), "Where?"), ((60, 100), "Where is this tower? " * 5)]:
         traj = core.new_trajectory(policy, {"id": "a", "image": Image.new("RGB", size, "red"), "question": question})
         core.add_message(policy, traj, "assistant", CALL)
-        core.add_message(policy, traj, "tool", [{"type": "text", "text": "crop:"}, {"type": "image"}],
-                         [Image.new("RGB", (56, 84), "blue")])
+        core.add_tool_results(policy, traj, [[{"type": "text", "text": "crop:"}, {"type": "image"}], "a second result."],
+                              [Image.new("RGB", (56, 84), "blue")])
         core.add_message(policy, traj, "assistant", "<answer>Paris</answer>")
         trajs.append(traj)
     batch = core.collate(policy, trajs)
@@ -122,9 +132,10 @@ def test_sequence_logprobs_match_model_logits(fixture, request):
     with torch.no_grad():
         logits = policy.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids",
                                                        "pixel_values", "image_grid_thw")}).logits.float()
-    ref_all = torch.log_softmax(logits[:, :-1] / 0.7, -1)
+    # the reference: a plain log-softmax over the ids the policy may sample (Policy.sample_mask)
+    ref_all = torch.log_softmax(logits[:, :-1].masked_fill(~policy.sample_mask, float("-inf")) / 0.7, -1)
     ref = ref_all.gather(2, batch["input_ids"][:, 1:, None])[..., 0]
-    ref_ent = -(ref_all.exp() * ref_all).sum(-1)
+    ref_ent = -(ref_all.exp() * ref_all.masked_fill(~policy.sample_mask, 0.0)).sum(-1)
     mask = batch["loss_mask"][:, 1:].bool()
     assert mask.sum() > 20
     torch.testing.assert_close(logp[:, 1:][mask], ref[mask], atol=1e-5, rtol=0)

@@ -7,9 +7,9 @@ from PIL import Image
 import mmsearch_r1 as core
 import tools
 
-CROP0 = '<think>zoom in</think><tool_call>{"name": "crop", "arguments": {"bbox": [0, 0, 60, 40]}}</tool_call>'
-CROP1 = '<tool_call>{"name": "crop", "arguments": {"image": 1, "bbox": [4, 4, 40, 30]}}</tool_call>'
-SEARCH = '<tool_call>{"name": "text_search", "arguments": {"query": "red tower"}}</tool_call>'
+CROP0 = "<think>zoom in</think>\n" + core.format_tool_call("crop", {"bbox_2d": [0, 0, 60, 40]})
+CROP1 = core.format_tool_call("crop", {"image": 1, "bbox_2d": [4, 4, 40, 30]})
+SEARCH = core.format_tool_call("text_search", {"query": "red tower"})
 ANSWER = "<think>done</think><answer>Paris</answer>"
 
 
@@ -34,7 +34,8 @@ def test_greedy_matches_generate(fixture, request):
     b = core.collate(policy, [prompt])
     out = policy.model.generate(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                 pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
-                                mm_token_type_ids=b["mm_token_type_ids"], do_sample=False, max_new_tokens=24)
+                                mm_token_type_ids=b["mm_token_type_ids"], do_sample=False, max_new_tokens=24,
+                                suppress_tokens=(~policy.sample_mask).nonzero()[:, 0].tolist())
     theirs = out[0, b["input_ids"].shape[1]:].tolist()
     ours = traj.input_ids[len(prompt.input_ids):]
     assert ours[:len(theirs)] == theirs and len(ours) >= len(theirs) - 1
@@ -60,8 +61,10 @@ def test_multi_turn_logprobs_equal_sequence_logprobs(fixture, request):
             assert diff < 1e-4, diff
             assert all(lp == 0.0 for lp, m in zip(t.logprobs, t.loss_mask) if not m)
             stats = t.meta["stats"]
-            # every token is prefilled or generated exactly once: nothing is re-encoded
-            assert stats["prefill_tokens"] + stats["generated_tokens"] == len(t.input_ids)
+            # every token is prefilled or generated exactly once: nothing is re-encoded (the last
+            # sampled token and the newline after a final <|im_end|> are never fed to the model)
+            ended = t.input_ids[-2] in policy.eos_ids
+            assert stats["prefill_tokens"] + stats["generated_tokens"] == len(t.input_ids) - ended
 
 
 def test_batched_rows_equal_rows_alone(policy):

@@ -50,7 +50,7 @@ def test_parse_tool_calls_table(text, n_calls, error):
         assert errors == []
     else:
         assert any(error in e for e in errors), errors
-        assert all("Correct form: <tool_call>{" in e for e in errors if e.startswith("tool call"))
+        assert all("Correct form: <tool_call>\n{" in e for e in errors if e.startswith("tool call"))
 
 
 def test_parse_tool_calls_defaults_and_double_encoded_arguments():
@@ -297,7 +297,7 @@ def test_toolbox_turns_http_failures_into_observations(server):
     server.plan["/search"] = [(500, "x", "text/plain", 0)]
     box = Toolbox(text_search=SerperSearch(server.url, api_key="SECRET", http=FAST))
     obs = box.run([{"name": "text_search", "arguments": {"query": "q"}}], [grid_image()])
-    assert obs.errors == 1 and "HTTP 500" in obs.content[0]["text"] and "SECRET" not in obs.content[0]["text"]
+    assert obs.errors == 1 and "HTTP 500" in obs.responses[0][0]["text"] and "SECRET" not in obs.responses[0][0]["text"]
     assert box.stats["text_search"] == {"calls": 1, "errors": 1}
 
 
@@ -415,9 +415,11 @@ def test_toolbox_turn_with_crops_search_visit_and_errors(tmp_path):
         '<tool_call>{"name": "nope", "arguments": {}}</tool_call>')
     images = [grid_image(), grid_image(100, 50)]
     obs = box.run(calls, images, errors)
-    text = "".join(p.get("text", "") for p in obs.content)
+    assert len(obs.responses) == len(calls) + len(errors) == 7   # one <tool_response> each
+    parts = [p for r in obs.responses for p in r]
+    text = "".join(p.get("text", "") for p in parts)
     assert len(obs.images) == 2 and obs.images[0].size == (100, 50) and obs.images[1].size == (50, 25)
-    assert sum(p["type"] == "image" for p in obs.content) == 2
+    assert sum(p["type"] == "image" for p in parts) == 2
     assert "Image 2 (100x50)" in text and "Image 3 (50x25)" in text
     assert "1. Big Ben (http://local/bigben)" in text and "built 1889" in text
     assert "image 9 does not exist" in text and "image_search is not available" in text and "unknown tool 'nope'" in text
@@ -436,7 +438,7 @@ def test_toolbox_call_timeout(tmp_path):
     t0 = time.monotonic()
     obs = box.run([{"name": "text_search", "arguments": {"query": "q"}}] * 3, [grid_image()])
     assert time.monotonic() - t0 < 1.0
-    assert obs.errors == 3 and "timed out after 0.2s" in obs.content[0]["text"]
+    assert obs.errors == 3 and "timed out after 0.2s" in obs.responses[0][0]["text"]
 
 
 def test_toolbox_unexpected_exception_is_an_observation():
@@ -446,10 +448,10 @@ def test_toolbox_unexpected_exception_is_an_observation():
         def search(self, q, k):
             raise RuntimeError("boom")
     obs = Toolbox(text_search=Broken()).run([{"name": "text_search", "arguments": {"query": "q"}}], [grid_image()])
-    assert obs.errors == 1 and "RuntimeError: boom" in obs.content[0]["text"]
+    assert obs.errors == 1 and "RuntimeError: boom" in obs.responses[0][0]["text"]
 
 
 def test_toolbox_abs_crop_uses_shown_size():
     box = Toolbox(shown_size=lambda im: (im.width // 2, im.height // 2), crop_settings=CropSettings(upscale_to=1))
-    obs = box.run([{"name": "crop", "arguments": {"image": 0, "bbox": [0, 0, 50, 25]}}], [grid_image()])
+    obs = box.run([{"name": "crop", "arguments": {"image": 0, "bbox_2d": [0, 0, 50, 25]}}], [grid_image()])
     assert obs.images[0].size == (100, 50)
