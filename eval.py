@@ -108,6 +108,14 @@ def make_toolbox(args, policy):
                          convention=policy.crop_convention, shown_size=policy.shown_size, k=args.k)
 
 
+def sampling_settings(args, policy):
+    """temperature / top_p / top_k: the flag if given, else the checkpoint's generation_config.json,
+    else greedy."""
+    fallback = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    flags = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    return {k: flags[k] if flags[k] is not None else policy.sampling.get(k, fallback[k]) for k in fallback}
+
+
 NO_TOOLS_PROMPT = ("You answer questions about images. Think inside <think>...</think>, then give the "
                    "final answer inside <answer>...</answer>. No tools are available.")
 
@@ -233,8 +241,15 @@ def main(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per assistant turn")
     ap.add_argument("--max-context", type=int, default=16384, help="tokens per trajectory")
     ap.add_argument("--max-images", type=int, default=12, help="question images plus crops")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="0 is greedy (default: the checkpoint's generation_config.json, else 0)")
+    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: the checkpoint's, else 1)")
+    ap.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest ids (default: the checkpoint's, else 0 = off)")
+    ap.add_argument("--min-pixels", type=int, default=None, help="smallest image after resizing (default: the processor's)")
+    ap.add_argument("--max-pixels", type=int, default=None,
+                    help="question images resized to at most this many pixels (default: about 1024 visual tokens)")
+    ap.add_argument("--crop-max-pixels", type=int, default=None,
+                    help="crops resized to at most this many pixels (default: about 1024 visual tokens)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--batch", type=int, default=8, help="examples rolled out together (x n rows)")
     ap.add_argument("--no-tools", action="store_true", help="direct-answer baseline: one turn, no tools")
@@ -270,7 +285,9 @@ def main(argv=None):
     done_ids = {r["id"] for r in done}
     todo = [t for t in tasks if t["id"] not in done_ids]
     endpoint = core.JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key) if args.metric == "judge" else None
-    policy = core.load_policy(args.model, device=args.device, dtype=args.dtype)
+    policy = core.load_policy(args.model, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels,
+                              max_pixels=args.max_pixels, crop_max_pixels=args.crop_max_pixels)
+    sampling = sampling_settings(args, policy)
     toolbox = make_toolbox(args, policy)
     print(f"eval: {len(tasks)} examples, {len(done_ids & {t['id'] for t in tasks})} already done, {len(todo)} to run")
 
@@ -290,8 +307,7 @@ def main(argv=None):
             t_batch = time.time()
             trajs = core.rollout(policy, chunk, toolbox, n=args.n, max_turns=1 if args.no_tools else args.max_turns,
                                  max_new_tokens=args.max_new_tokens, max_context=args.max_context,
-                                 max_images=args.max_images, temperature=args.temperature, top_p=args.top_p,
-                                 seed=args.seed + start, max_batch=args.batch * args.n,
+                                 max_images=args.max_images, **sampling, seed=args.seed + start, max_batch=args.batch * args.n,
                                  system=NO_TOOLS_PROMPT if args.no_tools else None)
             for i, task in enumerate(chunk):
                 line = score_example(task, trajs[i * args.n:(i + 1) * args.n], args, endpoint,
@@ -302,6 +318,9 @@ def main(argv=None):
                 os.fsync(f.fileno())
     results = [r for r in read_results(results_path) if r["id"] in {t["id"] for t in tasks}]
     summary = summarize(results)
+    summary["sampling"] = sampling
+    summary["image budgets (pixels)"] = {"min": policy.min_pixels, "question": policy.max_pixels,
+                                         "crop": policy.crop_max_pixels}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(markdown_table(summary))
     if args.html:

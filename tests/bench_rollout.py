@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mmsearch_r1 as core  # noqa: E402
 import tools  # noqa: E402
 
-CALL = '<think>I should look this up.</think><tool_call>{"name": "text_search", "arguments": {"query": "tower city"}}</tool_call>'
+CALL = "<think>I should look this up.</think>\n" + core.format_tool_call("text_search", {"query": "tower city"})
 TEXTS = [CALL, "The tower stands in the old city centre; built in 1889 for the fair.",
          "Results: title url snippet Paris London Rome Berlin Madrid"] * 20
 CORPUS = [{"id": str(i), "title": f"Tower {i}", "url": f"http://local/{i}",
@@ -37,7 +37,7 @@ def scripted_sampler(script):
     """Replaces core.sample: the model still computes logits every step; the token is scripted."""
     step = {"i": 0}
 
-    def sample(logits, temperature, top_p, generator):
+    def sample(logits, temperature, top_p, generator, mask=None, top_k=0):
         token = script[step["i"] % len(script)]
         step["i"] += 1
         tokens = torch.full((logits.shape[0],), token, dtype=torch.long, device=logits.device)
@@ -55,7 +55,7 @@ def reencode_every_turn(run_turn):
 
 
 def bench(policy, toolbox, reencode, rows=16, turns=8):
-    script = policy.encode_text(CALL) + [policy.ids["im_end"]]
+    script = core.encode_assistant(policy, CALL) + [policy.ids["im_end"]]
     original_sample, original_turn = core.sample, core.run_turn
     core.sample = scripted_sampler(script)
     if reencode:

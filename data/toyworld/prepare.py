@@ -100,14 +100,14 @@ def oracle_turns(task, e, convention, shown):
     box = task["box"]                                                               # pixels of the scene
     scale = {"abs": (shown[0] / W, shown[1] / H), "rel1000": (1000 / W, 1000 / H), "rel": (1 / W, 1 / H)}[convention]
     bbox = [round(v * scale[i % 2], 3 if convention == "rel" else None) for i, v in enumerate(box)]
-    call = lambda name, args: f'<tool_call>{json.dumps({"name": name, "arguments": args})}</tool_call>'
-    return [f"<think>The question is about the {task['corner']} corner. I will zoom in there.</think>"
-            + call("crop", {"image": 0, "bbox": bbox}),
-            "<think>I do not recognise this landmark. I will search for the crop.</think>"
+    call = core.format_tool_call
+    return [f"<think>The question is about the {task['corner']} corner. I will zoom in there.</think>\n"
+            + call("crop", {"image": 0, "bbox_2d": bbox}),
+            "<think>I do not recognise this landmark. I will search for the crop.</think>\n"
             + call("image_search", {"image": 1}),
-            f"<think>The top result is the {e['title']}. I will read its page.</think>"
+            f"<think>The top result is the {e['title']}. I will read its page.</think>\n"
             + call("visit", {"url": f"http://toyworld.local/wiki/{e['slug']}", "goal": task["field"]}),
-            f"<think>The page answers it.</think><answer>{task['answers'][0]}</answer>"]
+            f"<think>The page answers it.</think>\n<answer>{task['answers'][0]}</answer>"]
 
 
 def main(argv=None):
