@@ -24,8 +24,6 @@ import base64
 import html
 import json
 import os
-import time
-from collections import Counter
 from pathlib import Path
 
 import mmsearch_r1 as core
@@ -118,51 +116,6 @@ def sampling_settings(args, policy):
 
 NO_TOOLS_PROMPT = ("You answer questions about images. Think inside <think>...</think>, then give the "
                    "final answer inside <answer>...</answer>. No tools are available.")
-
-
-def score_example(task, trajs, args, endpoint, cache, image_dir):
-    """One results.jsonl line: every sample's answer, verdict, tools, tokens and trajectory."""
-    samples = []
-    for s, traj in enumerate(trajs):
-        traj.id = f"{task['id']}_s{s}"
-        value, parts = core.reward(traj, task, metric=args.metric, endpoint=endpoint, cache=cache)
-        stats = traj.meta.get("stats", {})
-        record = core.trajectory_to_record(traj, image_dir=image_dir)
-        record.pop("stats", None)
-        samples.append({"answer": parts["answer"], "correct": parts["correct"], "reward": value,
-                        "format": parts["format"], "finish_reason": traj.finish_reason, "turns": traj.turns,
-                        "tool_calls": Counter(c["name"] for c in traj.tool_calls),
-                        "tool_errors": sum(not c["ok"] for c in traj.tool_calls),
-                        "generated_tokens": stats.get("generated_tokens", 0),
-                        "prefill_tokens": stats.get("prefill_tokens", 0), "trajectory": record})
-    return {"id": task["id"], "question": task["question"], "answers": task["answers"], "samples": samples}
-
-
-def summarize(results):
-    """The numbers of the summary table, from results.jsonl lines alone."""
-    ok = [r for r in results if "error" not in r]
-    wall_time = sum(r.get("time_s", 0.0) for r in ok)
-    samples = [s for r in ok for s in r["samples"]]
-    scored = [s for s in samples if s["correct"] is not None]
-    n = max(1, len(samples))
-    tool_names = tools.TOOL_NAMES
-    gen = sum(s["generated_tokens"] for s in samples)
-    out = {
-        "examples": len(results), "errors": len(results) - len(ok), "samples": len(samples),
-        "accuracy (avg@n)": sum(s["correct"] for s in scored) / max(1, len(scored)),
-        "pass@n": sum(any((s["correct"] or 0) >= 1.0 for s in r["samples"]) for r in ok) / max(1, len(ok)),
-        "unscorable": len(samples) - len(scored),
-        "direct-answer rate": sum(s["answer"] is not None and not s["tool_calls"] for s in samples) / n,
-        **{f"uses {t}": sum(bool(s["tool_calls"].get(t)) for s in samples) / n for t in tool_names},
-        "tool calls / example": sum(sum(s["tool_calls"].values()) for s in samples) / n,
-        "tool errors": sum(s["tool_errors"] for s in samples),
-        "turns": sum(s["turns"] for s in samples) / n,
-        "generated tokens": gen / n,
-        "finish reasons": dict(Counter(s["finish_reason"] for s in samples)),
-        "wall time s": wall_time,
-        "tokens / s": gen / wall_time if wall_time > 0 else 0.0,
-    }
-    return out
 
 
 def markdown_table(summary):
@@ -304,20 +257,18 @@ def main(argv=None):
                     f.flush()
             if not chunk:
                 continue
-            t_batch = time.time()
-            trajs = core.rollout(policy, chunk, toolbox, n=args.n, max_turns=1 if args.no_tools else args.max_turns,
-                                 max_new_tokens=args.max_new_tokens, max_context=args.max_context,
-                                 max_images=args.max_images, **sampling, seed=args.seed + start, max_batch=args.batch * args.n,
-                                 system=NO_TOOLS_PROMPT if args.no_tools else None)
-            for i, task in enumerate(chunk):
-                line = score_example(task, trajs[i * args.n:(i + 1) * args.n], args, endpoint,
-                                     toolbox.cache, (out / "images").resolve())
-                line["time_s"] = (time.time() - t_batch) / len(chunk)
+            lines = core.evaluate(policy, chunk, toolbox, n=args.n, metric=args.metric, endpoint=endpoint,
+                                  cache=toolbox.cache, image_dir=(out / "images").resolve(),
+                                  max_turns=1 if args.no_tools else args.max_turns, max_new_tokens=args.max_new_tokens,
+                                  max_context=args.max_context, max_images=args.max_images, **sampling,
+                                  seed=args.seed + start, max_batch=args.batch * args.n,
+                                  system=NO_TOOLS_PROMPT if args.no_tools else None)
+            for line in lines:
                 f.write(json.dumps(line, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
     results = [r for r in read_results(results_path) if r["id"] in {t["id"] for t in tasks}]
-    summary = summarize(results)
+    summary = core.summarize(results)
     summary["sampling"] = sampling
     summary["image budgets (pixels)"] = {"min": policy.min_pixels, "question": policy.max_pixels,
                                          "crop": policy.crop_max_pixels}

@@ -1,5 +1,6 @@
 """The core of a multimodal search agent: policy loading, chat format, trajectories and
-loss masks, and the fused log-prob kernel.
+loss masks, the fused log-prob kernel, the rollout loop, rewards, and what the training
+scripts share.
 
 Read top to bottom:
   1. device and dtype, the model families we know, `load_policy`
@@ -7,6 +8,11 @@ Read top to bottom:
   3. the chat format: `Trajectory`, segment-wise tokenization with loss masks, messages JSONL
   4. `token_logprobs`: chunked log-softmax with a hand-written backward (never [N, V] logits)
   5. `sequence_logprobs`: model -> final hidden states -> `token_logprobs` on masked positions
+  6. `rollout`: the batched multi-turn loop with per-row KV caches and concurrent tool calls
+  7. rewards: exact match, F1, an LLM judge, the format check, `reward`
+  8. `evaluate` and `summarize`: the agent eval that eval.py and the trainers run
+  9. LoRA: `add_lora`, `lora_disabled`, `merge_lora`
+ 10. training utilities: `masked_nll`, `lr_at`, `pack_by_tokens`, checkpoints
 
 Usage:
     policy = load_policy("Qwen/Qwen2.5-VL-3B-Instruct")       # or a local folder
@@ -179,7 +185,9 @@ def load_policy(path, device=None, dtype=None, min_pixels=None, max_pixels=None,
     Uses AutoTokenizer and AutoImageProcessor (PIL backend) rather than AutoProcessor, which
     needs torchvision in transformers 5; image placeholders are expanded by the chat format.
     Image budgets (pixels after resizing): `max_pixels` for question images, `crop_max_pixels`
-    for crops; both default to the processor's own limit capped at AGENT_IMAGE_TOKENS tokens."""
+    for crops; both default to the processor's own limit capped at AGENT_IMAGE_TOKENS tokens.
+    A LoRA checkpoint folder (lora.json + adapters.safetensors) loads as its base model with the
+    adapters merged in."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     path = str(path)
@@ -189,6 +197,13 @@ def load_policy(path, device=None, dtype=None, min_pixels=None, max_pixels=None,
         raise FileNotFoundError(f"load_policy: no model folder at {path!r}. Pass a local folder "
                                 "with config.json (e.g. from data/toyworld/prepare.py) or a hub id "
                                 "like 'Qwen/Qwen2.5-VL-3B-Instruct'.")
+    if local.is_dir() and (local / "lora.json").exists():   # a LoRA checkpoint: its base + the adapters, merged
+        spec = json.loads((local / "lora.json").read_text())
+        policy = load_policy(spec["base"], device, dtype, min_pixels, max_pixels, crop_max_pixels)
+        add_lora(policy.model, spec["rank"], spec["alpha"], spec["targets"])
+        load_adapters(policy.model, local)
+        merge_lora(policy.model).requires_grad_(True)
+        return policy
     if local.is_dir() and not (local / "config.json").exists():
         raise FileNotFoundError(f"load_policy: {path!r} has no config.json; is it a model folder?")
     try:
@@ -1269,3 +1284,260 @@ def reward(traj, task, metric="em", format_weight=0.1, search_penalty=0.0, endpo
         return None, parts
     value = (1 - format_weight) * correct * (1 - search_penalty * searched) + format_weight * fmt
     return value, parts
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Agent evaluation: roll out, score, summarize (eval.py, and the trainers' periodic evals)
+
+
+def evaluate(policy, tasks, toolbox, n=1, metric="em", endpoint=None, cache=None, image_dir=None, **rollout_kw):
+    """Roll out `n` samples per task and score them. Returns one results line per task (the lines
+    eval.py writes to results.jsonl): id, question, answers, samples (answer, correct, reward,
+    format, finish_reason, turns, tool calls, tokens, the trajectory record), time_s."""
+    t0 = time.time()
+    trajs = rollout(policy, tasks, toolbox, n=n, **rollout_kw)
+    lines = []
+    for i, task in enumerate(tasks):
+        samples = []
+        for s, traj in enumerate(trajs[i * n:(i + 1) * n]):
+            traj.id = f"{task['id']}_s{s}"
+            value, parts = reward(traj, task, metric=metric, endpoint=endpoint, cache=cache)
+            stats = traj.meta.get("stats", {})
+            record = trajectory_to_record(traj, image_dir=image_dir)
+            record.pop("stats", None)
+            samples.append({"answer": parts["answer"], "correct": parts["correct"], "reward": value,
+                            "format": parts["format"], "finish_reason": traj.finish_reason, "turns": traj.turns,
+                            "tool_calls": Counter(c["name"] for c in traj.tool_calls),
+                            "tool_errors": sum(not c["ok"] for c in traj.tool_calls),
+                            "generated_tokens": stats.get("generated_tokens", 0),
+                            "prefill_tokens": stats.get("prefill_tokens", 0), "trajectory": record})
+        lines.append({"id": task["id"], "question": task["question"], "answers": task["answers"], "samples": samples})
+    for line in lines:
+        line["time_s"] = (time.time() - t0) / max(1, len(tasks))
+    return lines
+
+
+def summarize(results):
+    """The numbers of the summary table, from results lines alone (eval.py's results.jsonl)."""
+    from tools import TOOL_NAMES
+    ok = [r for r in results if "error" not in r]
+    wall_time = sum(r.get("time_s", 0.0) for r in ok)
+    samples = [s for r in ok for s in r["samples"]]
+    scored = [s for s in samples if s["correct"] is not None]
+    n = max(1, len(samples))
+    gen = sum(s["generated_tokens"] for s in samples)
+    return {
+        "examples": len(results), "errors": len(results) - len(ok), "samples": len(samples),
+        "accuracy (avg@n)": sum(s["correct"] for s in scored) / max(1, len(scored)),
+        "pass@n": sum(any((s["correct"] or 0) >= 1.0 for s in r["samples"]) for r in ok) / max(1, len(ok)),
+        "unscorable": len(samples) - len(scored),
+        "direct-answer rate": sum(s["answer"] is not None and not s["tool_calls"] for s in samples) / n,
+        **{f"uses {t}": sum(bool(s["tool_calls"].get(t)) for s in samples) / n for t in TOOL_NAMES},
+        "tool calls / example": sum(sum(s["tool_calls"].values()) for s in samples) / n,
+        "tool errors": sum(s["tool_errors"] for s in samples),
+        "turns": sum(s["turns"] for s in samples) / n,
+        "generated tokens": gen / n,
+        "finish reasons": dict(Counter(s["finish_reason"] for s in samples)),
+        "wall time s": wall_time,
+        "tokens / s": gen / wall_time if wall_time > 0 else 0.0,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. LoRA (Hu et al. 2021, arXiv 2106.09685), hand-written
+#
+#   y = W x + (alpha / r) * B A x,   A (r, in) random, B (out, r) zero: training starts at the base model.
+# Only A and B train; W stays frozen (and can stay in bf16). With the adapters switched off the
+# model is the base model again: GRPO's reference policy for free.
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(torch.nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        import math
+        self.base, self.rank, self.alpha, self.scale = base, rank, alpha, alpha / rank
+        self.enabled = True
+        dev = base.weight.device
+        self.lora_A = torch.nn.Parameter(torch.empty(rank, base.in_features, device=dev))     # (r, in), fp32
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=dev))    # (out, r)
+        torch.nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        update = (x.to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()
+        return y + (update * self.scale).to(y.dtype)
+
+
+def add_lora(model, rank=16, alpha=32, targets=LORA_TARGETS):
+    """Wrap the language model's linear layers named in `targets` with LoRALinear and freeze
+    everything else. Returns the number of trainable parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    language_model = model.model.language_model
+    wrapped = 0
+    for name, module in list(language_model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, torch.nn.Linear):
+                setattr(module, child_name, LoRALinear(child, rank, alpha))
+                wrapped += 1
+    if not wrapped:
+        raise ValueError(f"add_lora: no linear layer of the language model is named one of {list(targets)}")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_modules(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+class lora_disabled:
+    """`with lora_disabled(model):` runs the base model (GRPO's frozen reference policy)."""
+
+    def __init__(self, model):
+        self.modules = lora_modules(model)
+
+    def __enter__(self):
+        for m in self.modules:
+            m.enabled = False
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.enabled = True
+
+
+def merge_lora(model):
+    """Fold every adapter into its base weight (W += scale * B A) and unwrap: a plain model that
+    save_pretrained writes and load_policy reads."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    delta = (child.lora_B @ child.lora_A) * child.scale
+                    child.base.weight += delta.to(child.base.weight.dtype)
+                setattr(module, name, child.base)
+    return model
+
+
+def lora_state_dict(model):
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".lora_" in k}
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. Training utilities shared by train_sft.py and train_grpo.py: the masked NLL, the learning
+# rate schedule, micro-batches by token budget, checkpoints
+
+
+def masked_nll(policy, batch, n_tokens):
+    """Sum of -log p over the tokens with loss_mask 1, divided by `n_tokens`: the number of loss
+    tokens in the whole optimizer step, so that micro-batches of any split sum to the same
+    gradient (a mean of per-micro-batch means would weight short micro-batches more). Tool
+    responses, prompts, role headers and padding have loss_mask 0 and contribute nothing."""
+    logp, _ = sequence_logprobs(policy, batch)                       # (B, L), 0 where loss_mask is 0
+    return -logp.sum() / max(1, n_tokens)
+
+
+def lr_at(step, total, lr, warmup=0, min_ratio=0.1):
+    """Linear warmup for `warmup` steps, then cosine decay to min_ratio * lr at `total`."""
+    import math
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def pack_by_tokens(lengths, budget):
+    """Indices sorted by length, cut into micro-batches whose padded size (rows x longest row)
+    stays within `budget` tokens (a longer single row gets a micro-batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, current = [], []
+    for i in order:
+        if current and (len(current) + 1) * lengths[i] > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def trainable_parameters(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_checkpoint(out_dir, step, policy, optimizer, state, args, keep_last=None):
+    """Write `out_dir/step_{step:06d}/` atomically (into a temporary folder, then renamed, so a kill
+    never leaves half a checkpoint): the weights (save_pretrained, or only the LoRA adapters and
+    the base model's name), tokenizer, image processor, args.json, and trainer.pt (optimizer
+    state, RNG states and the loop's `state`). Keeps the newest `keep_last` checkpoints."""
+    import random
+    import shutil
+    out_dir = Path(out_dir)
+    final, tmp = out_dir / f"step_{step:06d}", out_dir / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_weights(policy, tmp, base=args.get("model"))
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save({"optimizer": optimizer.state_dict(), "rng": rng, **state}, tmp / "trainer.pt")
+    (tmp / "args.json").write_text(json.dumps(args, indent=2, default=str))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if keep_last:
+        for old in sorted(out_dir.glob("step_*"))[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_weights(policy, folder, base=None):
+    """A folder load_policy reads: the full model, or (LoRA) the adapters plus lora.json naming the base."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    loras = lora_modules(policy.model)
+    if loras:
+        if base is None:
+            raise ValueError("save_weights: a LoRA model needs the base model's path or hub id")
+        save_file(lora_state_dict(policy.model), str(folder / "adapters.safetensors"))
+        (folder / "lora.json").write_text(json.dumps({"base": str(base), "rank": loras[0].rank,
+                                                      "alpha": loras[0].alpha,
+                                                      "targets": sorted({n.rsplit(".", 1)[-1] for n, m in
+                                                                         policy.model.named_modules()
+                                                                         if isinstance(m, LoRALinear)})}))
+    else:
+        policy.model.save_pretrained(folder)
+    policy.tokenizer.save_pretrained(folder)
+    policy.image_processor.save_pretrained(folder)
+
+
+def load_adapters(model, folder):
+    """Load adapters.safetensors into a model already wrapped by add_lora (same rank and targets)."""
+    from safetensors.torch import load_file
+    weights = load_file(str(Path(folder) / "adapters.safetensors"))
+    missing = set(lora_state_dict(model)) ^ set(weights)
+    if missing:
+        raise ValueError(f"{folder}: the adapters don't match this model's LoRA layers ({sorted(missing)[:3]} ...)")
+    model.load_state_dict(weights, strict=False)
+
+
+def latest_checkpoint(out_dir):
+    """The newest complete `step_*` folder under out_dir, or None."""
+    found = sorted(p for p in Path(out_dir).glob("step_*") if (p / "trainer.pt").exists())
+    return found[-1] if found else None
+
+
+def load_trainer_state(folder, optimizer):
+    """Restore the optimizer and RNG states saved by save_checkpoint; returns the loop state."""
+    import random
+    state = torch.load(Path(folder) / "trainer.pt", weights_only=False)
+    optimizer.load_state_dict(state.pop("optimizer"))
+    rng = state.pop("rng")
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state

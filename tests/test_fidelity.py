@@ -12,7 +12,7 @@ from PIL import Image
 
 import mmsearch_r1 as core
 import tools
-from test_core import full_ids, render
+from test_core import full_ids
 
 # Text rich in the merges that break naive segment-wise tokenization: punctuation glued to the
 # newlines after it (".\n"), runs of newlines, spaces before newlines.
