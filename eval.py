@@ -86,26 +86,6 @@ def read_results(path):
     return good
 
 
-def make_toolbox(args, policy):
-    """The Toolbox for --backend, --no-tools, the cache and the image host."""
-    cache = tools.Cache(args.cache, max_age=args.cache_max_age, cache_only=args.cache_only) if args.cache else None
-    if args.no_tools:
-        return tools.Toolbox(cache=cache)
-    host = tools.ImageHost(args.image_host_dir, args.image_host_url) if args.image_host_dir else None
-    if args.backend == "local":
-        if not args.corpus:
-            raise SystemExit("eval: --backend local needs --corpus (JSONL of id, title, url, text)")
-        text = tools.LocalTextSearch(args.corpus)
-        image = tools.LocalImageSearch(args.image_index, args.embed_model) if args.image_index else None
-        pages = text
-    else:
-        cls = {"serper": tools.SerperSearch, "serpapi": tools.SerpAPISearch, "searxng": tools.SearxngSearch}[args.backend]
-        text = image = cls(base_url=args.search_url, image_host=host)
-        pages = tools.WebPages(allow_private=args.allow_private_urls)
-    return tools.Toolbox(text_search=text, image_search=image, pages=pages, cache=cache,
-                         convention=policy.crop_convention, shown_size=policy.shown_size, k=args.k)
-
-
 def sampling_settings(args, policy):
     """temperature / top_p / top_k: the flag if given, else the checkpoint's generation_config.json,
     else greedy."""
@@ -206,20 +186,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="sampling seed")
     ap.add_argument("--batch", type=int, default=8, help="examples rolled out together (x n rows)")
     ap.add_argument("--no-tools", action="store_true", help="direct-answer baseline: one turn, no tools")
-    # tools
-    ap.add_argument("--backend", default="local", choices=["local", "serper", "serpapi", "searxng"],
-                    help="search engine")
-    ap.add_argument("--corpus", default=None, help="local backend: JSONL corpus (id, title, url, text)")
-    ap.add_argument("--image-index", default=None, help="local backend: JSONL image index (image, title, url, snippet)")
-    ap.add_argument("--embed-model", default=None, help="local image search: a transformers image model instead of the numpy descriptor")
-    ap.add_argument("--search-url", default=None, help="HTTP backend base URL (default: the provider's; SearXNG: $SEARXNG_URL)")
-    ap.add_argument("--image-host-dir", default=None, help="HTTP image search: folder served at --image-host-url")
-    ap.add_argument("--image-host-url", default=None, help="HTTP image search: public URL prefix of --image-host-dir")
-    ap.add_argument("--allow-private-urls", action="store_true", help="let visit open loopback/private addresses")
-    ap.add_argument("--k", type=int, default=5, help="results per search")
-    ap.add_argument("--cache", default="runs/tool_cache.sqlite", help="SQLite cache of tool results ('' to disable)")
-    ap.add_argument("--cache-only", action="store_true", help="replay mode: a cache miss is an error observation")
-    ap.add_argument("--cache-max-age", type=float, default=None, help="ignore cache entries older than this (s)")
+    tools.add_tool_arguments(ap)
     # scoring
     ap.add_argument("--metric", default="em", choices=["em", "f1", "substring", "judge"], help="correctness metric")
     ap.add_argument("--judge-url", default="", help="OpenAI-compatible base URL (or $JUDGE_BASE_URL)")
@@ -241,7 +208,8 @@ def main(argv=None):
     policy = core.load_policy(args.model, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels,
                               max_pixels=args.max_pixels, crop_max_pixels=args.crop_max_pixels)
     sampling = sampling_settings(args, policy)
-    toolbox = make_toolbox(args, policy)
+    toolbox = tools.Toolbox(cache=tools.cache_from_args(args)) if args.no_tools else \
+        tools.toolbox_from_args(args, policy.crop_convention, policy.shown_size)
     print(f"eval: {len(tasks)} examples, {len(done_ids & {t['id'] for t in tasks})} already done, {len(todo)} to run")
 
     with open(results_path, "a", encoding="utf-8") as f:

@@ -10,6 +10,7 @@ Read top to bottom:
   5. `Cache`: one SQLite file of tool results, keyed by a hash of (backend, tool, arguments)
   6. `Toolbox.run(calls, images) -> Observation`: one turn's calls, concurrently; failures
      become error observations, never exceptions
+  7. the tool flags shared by the scripts: `add_tool_arguments`, `toolbox_from_args`
 
 The tool names and arguments are fixed by DESIGN.md: `crop`, `image_search`, `text_search`, `visit`.
 """
@@ -829,3 +830,47 @@ def format_results(hits):
     if not hits:
         return "No results."
     return "\n".join(f"{i}. {h['title']} ({h['url']})\n   {h['snippet']}" for i, h in enumerate(hits, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Command-line flags for the tools, shared by eval.py, train_sft.py and train_grpo.py
+
+
+def add_tool_arguments(ap):
+    """The tool flags (backend, local corpus and image index, HTTP engines, cache) as one group."""
+    g = ap.add_argument_group("tools")
+    g.add_argument("--backend", default="local", choices=["local", "serper", "serpapi", "searxng"], help="search engine")
+    g.add_argument("--corpus", default=None, help="local backend: JSONL corpus (id, title, url, text)")
+    g.add_argument("--image-index", default=None, help="local backend: JSONL image index (image, title, url, snippet)")
+    g.add_argument("--embed-model", default=None,
+                   help="local image search: a transformers image model instead of the numpy descriptor")
+    g.add_argument("--search-url", default=None, help="HTTP backend base URL (default: the provider's; SearXNG: $SEARXNG_URL)")
+    g.add_argument("--image-host-dir", default=None, help="HTTP image search: folder served at --image-host-url")
+    g.add_argument("--image-host-url", default=None, help="HTTP image search: public URL prefix of --image-host-dir")
+    g.add_argument("--allow-private-urls", action="store_true", help="let visit open loopback/private addresses")
+    g.add_argument("--k", type=int, default=5, help="results per search")
+    g.add_argument("--cache", default="runs/tool_cache.sqlite", help="SQLite cache of tool results ('' to disable)")
+    g.add_argument("--cache-only", action="store_true", help="replay mode: a cache miss is an error observation")
+    g.add_argument("--cache-max-age", type=float, default=None, help="ignore cache entries older than this (s)")
+    return g
+
+
+def cache_from_args(args):
+    return Cache(args.cache, max_age=args.cache_max_age, cache_only=args.cache_only) if args.cache else None
+
+
+def toolbox_from_args(args, convention, shown_size):
+    """The Toolbox the tool flags describe, for a policy with this crop convention and shown_size."""
+    host = ImageHost(args.image_host_dir, args.image_host_url) if args.image_host_dir else None
+    if args.backend == "local":
+        if not args.corpus:
+            raise SystemExit("--backend local needs --corpus (JSONL of id, title, url, text)")
+        text = LocalTextSearch(args.corpus)
+        image = LocalImageSearch(args.image_index, args.embed_model) if args.image_index else None
+        pages = text
+    else:
+        cls = {"serper": SerperSearch, "serpapi": SerpAPISearch, "searxng": SearxngSearch}[args.backend]
+        text = image = cls(base_url=args.search_url, image_host=host)
+        pages = WebPages(allow_private=args.allow_private_urls)
+    return Toolbox(text_search=text, image_search=image, pages=pages, cache=cache_from_args(args),
+                   convention=convention, shown_size=shown_size, k=args.k)
