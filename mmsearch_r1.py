@@ -534,7 +534,8 @@ def trajectory_from_record(policy, record, root=None):
         if key in record:
             setattr(traj, key, record[key])
     traj.meta = {k: v for k, v in record.items()
-                 if k not in ("id", "images", "image", "messages", "finish_reason", "turns", "tool_calls")}
+                 if k not in ("id", "images", "image", "messages", "finish_reason", "turns", "tool_calls")
+                 and not k.startswith("_")}
     messages = record["messages"]
     i = 0
     while i < len(messages):   # consecutive tool messages form one user turn
@@ -1502,8 +1503,9 @@ def save_weights(policy, folder, base=None):
     if loras:
         if base is None:
             raise ValueError("save_weights: a LoRA model needs the base model's path or hub id")
+        base = str(Path(base).resolve()) if Path(base).exists() else str(base)   # a local folder, or a hub id
         save_file(lora_state_dict(policy.model), str(folder / "adapters.safetensors"))
-        (folder / "lora.json").write_text(json.dumps({"base": str(base), "rank": loras[0].rank,
+        (folder / "lora.json").write_text(json.dumps({"base": base, "rank": loras[0].rank,
                                                       "alpha": loras[0].alpha,
                                                       "targets": sorted({n.rsplit(".", 1)[-1] for n, m in
                                                                          policy.model.named_modules()
@@ -1541,3 +1543,68 @@ def load_trainer_state(folder, optimizer):
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def load_jsonl(path):
+    """A JSONL file -> list of dicts, each with `_root` (the file's folder, for relative image
+    paths) and `_line`. A line that is not a JSON object is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file at {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: a line must be a JSON object, got {type(row).__name__}")
+            rows.append({**row, "_root": str(path.parent), "_line": n})
+    return rows
+
+
+def check_trajectory_record(record):
+    """The problem with a trajectory record (messages JSONL, DESIGN.md), or None when it is usable
+    as SFT data: known roles, well-formed content, every tool turn answering an assistant turn that
+    made tool calls, tool calls that parse, image parts matching the listed images, files readable."""
+    from tools import parse_tool_calls
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "no 'messages' list"
+    images = record.get("images", record.get("image"))
+    images = [] if images is None else images if isinstance(images, list) else [images]
+    n_parts, previous = 0, None
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant", "tool"):
+            return f"message {i}: unknown role {role!r} (use system, user, assistant or tool)"
+        try:
+            parts = _content_parts(m.get("content"))
+        except ValueError as e:
+            return f"message {i}: {e}"
+        n_parts += sum(p["type"] == "image" for p in parts)
+        text = "".join(p.get("text", "") for p in parts)
+        if role == "tool" and previous not in ("assistant_call", "tool"):
+            return f"message {i}: a tool turn with no assistant tool call before it"
+        if role == "assistant" and "<tool_call>" in text:
+            calls, errors = parse_tool_calls(text)
+            if errors:
+                return f"message {i}: the assistant's tool call does not parse: {errors[0][:160]}"
+        previous = "assistant_call" if role == "assistant" and "<tool_call>" in text else role
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn: nothing to train on"
+    if n_parts != len(images):
+        return f"{n_parts} image part(s) in the messages but {len(images)} image(s) listed"
+    root = Path(record.get("_root", "."))
+    for p in images:
+        if not isinstance(p, str):
+            return f"image {p!r} is not a path"
+        try:
+            with Image.open(root / p) as im:
+                im.verify()
+        except (OSError, ValueError) as e:
+            return f"image {p!r} can't be read ({type(e).__name__}: {e})"
+    return None
