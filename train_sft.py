@@ -60,7 +60,7 @@ def parse_args(argv=None):
     ap.add_argument("--batch-tokens", type=int, default=8192,
                     help="micro-batch budget in padded tokens (rows x longest row)")
     ap.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    ap.add_argument("--seed", type=int, default=0, help="data order seed")
+    ap.add_argument("--seed", type=int, default=0, help="data order and LoRA initialization seed")
     # memory
     ap.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in the backward")
     ap.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
@@ -211,6 +211,7 @@ def main(argv=None):
     elif not args.resume and core.latest_checkpoint(out) is not None:
         raise SystemExit(f"train_sft: {out} already has checkpoints; pass --resume to continue, or another --out")
 
+    torch.manual_seed(args.seed)   # the LoRA initialization
     # model: the base, or a full checkpoint to resume; LoRA adapters wrapped around the base
     start = resume_from if (resume_from and not args.lora_rank) else args.model
     policy = core.load_policy(start, device=device, dtype=dtype, max_pixels=args.max_pixels,

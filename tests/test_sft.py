@@ -1,0 +1,236 @@
+"""train_sft.py and the training pieces of the core: the loss sees only what the policy writes,
+the gradient does not depend on the micro-batch split, LoRA, resume after a kill, bad records."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import mmsearch_r1 as core
+import train_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def call(name, **arguments):
+    return core.format_tool_call(name, arguments)
+
+
+def make_records(folder, n=4):
+    """n short trajectories (question image, crop, search, answer) with their image files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        Image.new("RGB", (60 + 8 * i, 40), (40 * i, 100, 200)).save(folder / f"q{i}.png")
+        Image.new("RGB", (28, 28), (200, 40 * i, 10)).save(folder / f"c{i}.png")
+        city = ["Paris", "London", "Rome", "Berlin", "Madrid", "Oslo"][i % 6]
+        records.append({"id": f"r{i}", "images": [f"q{i}.png", f"c{i}.png"], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"Where is tower {i}?"}]},
+            {"role": "assistant", "content": "<think>zoom in</think>\n" + call("crop", bbox_2d=[0, 0, 20 + i, 20])},
+            {"role": "tool", "content": [{"type": "text", "text": "crop:"}, {"type": "image"}]},
+            {"role": "assistant", "content": "<think>search</think>\n" + call("text_search", query=f"tower {i}" * (i + 1))},
+            {"role": "tool", "content": f"1. Tower {i} ({city})"},
+            {"role": "assistant", "content": f"<think>found it</think>\n<answer>{city}</answer>"}]})
+    path = folder / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path, records
+
+
+def trajs_of(policy, path):
+    return [core.trajectory_from_record(policy, r, r["_root"]) for r in core.load_jsonl(path)]
+
+
+def grads_of(policy, micro_batches, n_tokens):
+    policy.model.zero_grad(set_to_none=True)
+    loss = train_sft.accumulate_gradients(policy, micro_batches, n_tokens)
+    grads = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+    policy.model.zero_grad(set_to_none=True)
+    return loss, grads
+
+
+def test_same_gradient_whatever_the_micro_batch_split(policy, tmp_path):
+    path, _ = make_records(tmp_path, 4)
+    trajs = trajs_of(policy, path)
+    assert len({len(t.input_ids) for t in trajs}) == 4          # different lengths, so the split matters
+    n_tokens = sum(sum(t.loss_mask) for t in trajs)
+    loss1, g1 = grads_of(policy, [trajs], n_tokens)
+    loss4, g4 = grads_of(policy, [[t] for t in trajs], n_tokens)
+    assert loss1 == pytest.approx(loss4, rel=1e-5)
+    for name in g1:
+        torch.testing.assert_close(g4[name], g1[name], rtol=1e-4, atol=1e-7)
+    # a mean of per-micro-batch means weights the tokens of short trajectories more: measurably
+    # different gradients (so this test can fail)
+    policy.model.zero_grad(set_to_none=True)
+    for t in trajs:
+        (core.masked_nll(policy, core.collate(policy, [t]), sum(t.loss_mask)) / len(trajs)).backward()
+    g_means = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+    policy.model.zero_grad(set_to_none=True)
+    assert max((g_means[n] - g1[n]).abs().max() / g1[n].abs().max() for n in g1) > 1e-2
+
+
+def test_masked_tokens_change_nothing(policy, tmp_path):
+    """A trailing tool response or user prompt (after the last assistant turn) is context for nothing:
+    changing its tokens leaves loss and gradients unchanged. Changing an assistant token does not."""
+    _, records = make_records(tmp_path, 1)
+    base = records[0]
+
+    def with_tail(role, text, answer="Paris"):
+        msgs = [dict(m) for m in base["messages"]]
+        msgs[-1] = {"role": "assistant", "content": f"<think>found it</think>\n<answer>{answer}</answer>"}
+        return {**base, "messages": msgs + [{"role": role, "content": text}]}
+
+    def loss_and_grads(record):
+        traj = core.trajectory_from_record(policy, record, tmp_path)
+        return grads_of(policy, [[traj]], sum(traj.loss_mask))
+
+    for role in ("tool", "user"):
+        loss_a, ga = loss_and_grads(with_tail(role, "the result is 1889."))
+        loss_b, gb = loss_and_grads(with_tail(role, "something else entirely, and longer: Rome, 2024!"))
+        assert loss_a == loss_b
+        for n in ga:   # equal up to float summation order (the sequences differ in length)
+            torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-8)
+    loss_c, _ = loss_and_grads(with_tail("tool", "the result is 1889.", answer="Madrid"))
+    assert loss_c != loss_a
+
+
+def test_overfits_a_handful_of_trajectories(tiny_dir, tmp_path):
+    path, _ = make_records(tmp_path / "data", 4)
+    train_sft.main(["--model", str(tiny_dir), "--data", str(path), "--out", str(tmp_path / "run"), "--steps", "60",
+                    "--lr", "1e-2", "--warmup", "5", "--batch-tokens", "100000", "--save-every", "1000", "--quiet"])
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 60 and losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+    policy = core.load_policy(tmp_path / "run" / "final")              # final/ is a plain model folder
+    assert policy.model_type == "qwen2_5_vl"
+
+
+def test_lora_adapters_only_merge_and_zero(tiny_dir, tmp_path):
+    path, _ = make_records(tmp_path, 2)
+    base = core.load_policy(tiny_dir)
+    policy = core.load_policy(tiny_dir)
+    trajs = trajs_of(policy, path)
+    batch = core.collate(policy, trajs)
+    with torch.no_grad():
+        ref, _ = core.sequence_logprobs(base, batch)
+    core.add_lora(policy.model, rank=4, alpha=8)
+    with torch.no_grad():
+        zero, _ = core.sequence_logprobs(policy, batch)
+    assert torch.equal(zero, ref)                                    # B = 0: exactly the base model
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    params = core.trainable_parameters(policy.model)
+    assert params and all(".lora_" in n for n, p in policy.model.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(3):
+        train_sft.accumulate_gradients(policy, [trajs], sum(sum(t.loss_mask) for t in trajs))
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in policy.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n for n in changed)
+    with torch.no_grad():
+        adapted, _ = core.sequence_logprobs(policy, batch)
+        with core.lora_disabled(policy.model):
+            off, _ = core.sequence_logprobs(policy, batch)
+    assert not torch.allclose(adapted, ref) and torch.equal(off, ref)
+    core.save_weights(policy, tmp_path / "lora_ckpt", base=tiny_dir)
+    merged = core.load_policy(tmp_path / "lora_ckpt")                # base + adapters, merged
+    with torch.no_grad():
+        m, _ = core.sequence_logprobs(merged, core.collate(merged, trajs))
+    torch.testing.assert_close(m, adapted, atol=1e-5, rtol=0)
+    train_sft.main(["--merge", str(tmp_path / "lora_ckpt"), "--out", str(tmp_path / "merged")])
+    assert (tmp_path / "merged" / "config.json").exists() and not (tmp_path / "merged" / "lora.json").exists()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_after_kill_equals_uninterrupted(tiny_dir, tmp_path, lora):
+    path, _ = make_records(tmp_path / "data", 6)
+    flags = ["--model", str(tiny_dir), "--data", str(path), "--steps", "40", "--lr", "3e-3", "--warmup", "3",
+             "--batch-tokens", "1200", "--grad-accum", "2", "--save-every", "5", "--keep-last", "2", "--quiet"]
+    flags += ["--lora-rank", "4"] if lora else []
+    script = str(ROOT / "train_sft.py")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, script, *flags, "--out", str(killed)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "step_000010").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists(), "the run finished before it could be killed"
+    out = subprocess.run([sys.executable, script, *flags, "--out", str(killed), "--resume"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    resumed_at = int(out.split("at step ")[1].split()[0])
+    assert 10 <= resumed_at < 40
+    train_sft.main([*flags, "--out", str(tmp_path / "straight")])
+    for name in ("adapters.safetensors",) if lora else ("model.safetensors",):
+        a = load_file(str(killed / "step_000040" / name))
+        b = load_file(str(tmp_path / "straight" / "step_000040" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 41))                                # no step lost or logged twice
+
+
+BAD = {
+    "missing image": ({"images": ["nope.png"], "messages": [{"role": "user", "content": [{"type": "image"}]},
+                                                            {"role": "assistant", "content": "<answer>x</answer>"}]},
+                      "can't be read"),
+    "unknown role": ({"messages": [{"role": "robot", "content": "hi"}]}, "unknown role 'robot'"),
+    "tool without a call": ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "hm"},
+                                          {"role": "tool", "content": "r"}]}, "no assistant tool call before it"),
+    "call does not parse": ({"messages": [{"role": "user", "content": "q"},
+                                          {"role": "assistant", "content": "<tool_call>{oops</tool_call>"},
+                                          {"role": "tool", "content": "r"}]}, "does not parse"),
+    "more image parts than images": ({"messages": [{"role": "user", "content": [{"type": "image"}]},
+                                                   {"role": "assistant", "content": "<answer>x</answer>"}]},
+                                     "1 image part(s) in the messages but 0 image(s) listed"),
+    "no messages": ({"id": "x"}, "no 'messages' list"),
+    "no assistant turn": ({"messages": [{"role": "user", "content": "q"}]}, "no assistant turn"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_record_messages(case):
+    record, message = BAD[case]
+    assert message in core.check_trajectory_record(record)
+
+
+def test_bad_records_stop_or_are_skipped(tiny_dir, tmp_path, capsys):
+    path, records = make_records(tmp_path, 2)
+    lines = [json.dumps(r) for r in records] + [json.dumps(b[0]) for b in BAD.values()] + ["[1, 2]"]
+    path.write_text("\n".join(lines[:2] + lines[2:-1]) + "\n")
+    with pytest.raises(SystemExit, match=r"sft.jsonl:3: image 'nope.png' can't be read.*--skip-bad"):
+        train_sft.main(["--model", str(tiny_dir), "--data", str(path), "--out", str(tmp_path / "a"), "--quiet"])
+    out = tmp_path / "b"
+    train_sft.main(["--model", str(tiny_dir), "--data", str(path), "--out", str(out), "--quiet", "--skip-bad",
+                    "--steps", "1"])
+    assert f"{len(lines) - 1} records: 2 used, {len(BAD)} bad (skipped)" in capsys.readouterr().out
+    (tmp_path / "junk.jsonl").write_text(lines[-1] + "\n")
+    with pytest.raises(ValueError, match="junk.jsonl:1: a line must be a JSON object"):
+        core.load_jsonl(tmp_path / "junk.jsonl")
+
+
+def test_long_records_are_cut_at_a_turn_boundary(policy, tmp_path):
+    path, records = make_records(tmp_path, 1)
+    full = core.trajectory_from_record(policy, core.load_jsonl(path)[0], tmp_path)
+    record = core.load_jsonl(path)[0]
+    traj, cut = train_sft.cut_to_fit(policy, record, len(full.input_ids) - 1)
+    assert traj is not None and len(traj.input_ids) < len(full.input_ids)
+    assert cut["messages"][-1]["role"] == "assistant" and len(cut["messages"]) < len(record["messages"])
+    assert train_sft.cut_to_fit(policy, record, 10)[0] is None
+
+
+def test_bad_flags(tmp_path, capsys):
+    (tmp_path / "f").write_text("")
+    for flags, message in [([], "--model and --data are required"),
+                           (["--model", "m", "--data", "missing.jsonl"], "missing.jsonl: no such file"),
+                           (["--model", "m", "--data", str(tmp_path / "f"), "--out", str(tmp_path / "f")], "is a file"),
+                           (["--model", "m", "--data", str(tmp_path / "f"), "--lr", "0"], "must be positive")]:
+        with pytest.raises(SystemExit):
+            train_sft.parse_args(flags)
+        assert message in capsys.readouterr().err
