@@ -1,0 +1,118 @@
+"""Benchmark: one SFT optimizer step (forward, backward, AdamW), full fine-tuning and LoRA.
+
+    python tests/bench_train.py                   # CPU: the tiny and small configs, each in a fresh process
+    python tests/bench_train.py --device cuda     # adds a Qwen2.5-VL-3B-shaped model at 8k tokens (bf16 autocast)
+
+Each row: --rows trajectories of about --tokens tokens each (a question image, a long assistant
+turn), one micro-batch, the best of --repeats steps after one warm-up. tok/s counts every token
+of the batch; memory is the peak above the process's size after the model and data are loaded
+(CPU: peak RSS; GPU: torch.cuda.max_memory_allocated). Not a test: run it by hand and paste the table.
+"""
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import mmsearch_r1 as core  # noqa: E402
+import train_sft  # noqa: E402
+
+CONFIGS = {
+    "tiny": {},
+    "small": dict(hidden=256, layers=4, heads=4, kv_heads=2),
+    "3b": dict(hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008, model_vocab=151936,
+               vision_hidden=1280, vision_depth=32, max_pixels=1024 * 28 * 28),
+}
+TEXT = "The tower stands in the old city centre; it was built in 1889 for the fair and is 300 metres tall. "
+
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(config, mode, rows, tokens, device, repeats):
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = core.build_tiny_policy(Path(tmp) / "m", [TEXT] * 50, **CONFIGS[config])
+        on_gpu = device == "cuda"
+        dtype = torch.bfloat16 if (mode == "lora" and on_gpu) else torch.float32
+        policy = core.load_policy(folder, device=device, dtype=dtype)
+    if mode == "lora":
+        core.add_lora(policy.model, rank=16, alpha=32)
+    params = core.trainable_parameters(policy.model)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    image = Image.new("RGB", (448, 336), "red")
+    words = TEXT * (tokens // 20)
+    trajs = []
+    for r in range(rows):
+        traj = core.new_trajectory(policy, {"image": image, "question": f"Question {r}?"}, system="")
+        core.add_message(policy, traj, "assistant", words)
+        traj.input_ids, traj.loss_mask = traj.input_ids[:tokens], traj.loss_mask[:tokens]
+        trajs.append(traj)
+    n_tokens = sum(sum(t.loss_mask) for t in trajs)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
+
+    def step():
+        train_sft.accumulate_gradients(policy, [trajs], n_tokens, autocast)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    step()   # warm-up (and AdamW's state allocation)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_mb()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if on_gpu else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    total = sum(len(t.input_ids) for t in trajs)
+    print(json.dumps({"params_m": sum(p.numel() for p in policy.model.parameters()) / 1e6,
+                      "trainable_m": sum(p.numel() for p in params) / 1e6, "tokens": total,
+                      "step_s": min(times), "tok_s": total / min(times), "extra_mb": extra}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--rows", type=int, default=4, help="trajectories per step")
+    ap.add_argument("--tokens", type=int, default=1024, help="tokens per trajectory")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps (best is reported)")
+    ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(*args.worker, args.rows, args.tokens, args.device, args.repeats)
+    runs = [(c, m, args.rows, args.tokens) for c in ("tiny", "small") for m in ("full", "lora")]
+    if args.device == "cuda":
+        runs += [("3b", m, 1, 8192) for m in ("full", "lora")]
+    print(f"| config | mode | params M | trainable M | tokens/step | step s | tok/s | extra MB |\n|---|---|---|---|---|---|---|---|")
+    for config, mode, rows, tokens in runs:
+        out = subprocess.run([sys.executable, __file__, "--worker", config, mode, "--rows", str(rows),
+                              "--tokens", str(tokens), "--device", args.device, "--repeats", str(args.repeats)],
+                             capture_output=True, text=True)
+        if out.returncode:
+            print(f"| {config} | {mode} | failed: {out.stderr.strip().splitlines()[-1]} |")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {config} | {mode} | {r['params_m']:.2f} | {r['trainable_m']:.3f} | {r['tokens']} | "
+              f"{r['step_s']:.3f} | {r['tok_s']:.0f} | {r['extra_mb']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
