@@ -20,8 +20,6 @@ Data: JSONL (or a JSON list) of records. Keys read (the first present wins):
   images:   images, image, image_path, image_file, img, img_path (path or list; relative to the data file)
 """
 import argparse
-import base64
-import html
 import json
 import os
 from pathlib import Path
@@ -109,55 +107,6 @@ def markdown_table(summary):
     return "\n".join(rows)
 
 
-def image_tag(path):
-    """An <img> with the file inlined as base64 (the report is one self-contained file)."""
-    p = Path(path)
-    try:
-        data = base64.b64encode(p.read_bytes()).decode()
-    except OSError:
-        return f"<em>(missing image {html.escape(str(path))})</em>"
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(p.name)}">'
-
-
-def write_html(path, results, summary):
-    """One card per example: the question image, each turn (reasoning, tool calls, crops, results
-    as the model saw them), the answer and the verdict; the summary table on top."""
-    esc = html.escape
-    cards = []
-    for r in results:
-        if "error" in r:
-            cards.append(f'<div class="card bad"><h3>{esc(r["id"])}</h3><p>Error: {esc(r["error"])}</p></div>')
-            continue
-        for s_i, s in enumerate(r["samples"]):
-            traj = s["trajectory"]
-            images = iter(traj["images"])
-            turns = []
-            for m in traj["messages"]:
-                if m["role"] == "system":
-                    continue
-                parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
-                body = "".join(image_tag(next(images, "")) if p["type"] == "image"
-                               else f"<pre>{esc(p['text'])}</pre>" for p in parts)
-                turns.append(f'<div class="turn {m["role"]}"><b>{m["role"]}</b>{body}</div>')
-            verdict = {1.0: "correct", 0.0: "wrong", None: "unscorable"}.get(s["correct"], f'{s["correct"]:.2f}')
-            cards.append(
-                f'<div class="card {verdict}"><h3>{esc(r["id"])} sample {s_i}: {verdict}</h3>'
-                f'<p><b>Q:</b> {esc(r["question"])}<br><b>Gold:</b> {esc(" | ".join(r["answers"]))}<br>'
-                f'<b>Answer:</b> {esc(str(s["answer"]))} &nbsp; <b>finish:</b> {esc(str(s["finish_reason"]))}, '
-                f'{s["turns"]} turns, {sum(s["tool_calls"].values())} tool calls</p>{"".join(turns)}</div>')
-    table = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(round(v, 3) if isinstance(v, float) else v))}</td></tr>"
-                    for k, v in summary.items())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>mmsearch-r1 eval</title><style>
-body {{font-family: sans-serif; max-width: 1100px; margin: auto}} table {{border-collapse: collapse}}
-td {{border: 1px solid #ccc; padding: 2px 8px}} .card {{border: 1px solid #999; margin: 12px 0; padding: 8px}}
-.correct {{border-left: 6px solid #2a2}} .wrong, .bad {{border-left: 6px solid #c22}} .unscorable {{border-left: 6px solid #aa2}}
-.turn {{margin: 6px 0; padding: 4px; background: #f6f6f6}} .assistant {{background: #eef4ff}}
-pre {{white-space: pre-wrap; margin: 2px 0}} img {{max-width: 320px; max-height: 320px; border: 1px solid #ccc}}
-</style></head><body><h1>mmsearch-r1 evaluation</h1><table>{table}</table>{"".join(cards)}</body></html>"""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(page, encoding="utf-8")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model and data
@@ -243,7 +192,7 @@ def main(argv=None):
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(markdown_table(summary))
     if args.html:
-        write_html(args.html, results, summary)
+        core.write_report(args.html, results, summary)
         print(f"eval: report written to {args.html}")
     return summary
 

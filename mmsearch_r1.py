@@ -10,7 +10,7 @@ Read top to bottom:
   5. `sequence_logprobs`: model -> final hidden states -> `token_logprobs` on masked positions
   6. `rollout`: the batched multi-turn loop with per-row KV caches and concurrent tool calls
   7. rewards: exact match, F1, an LLM judge, the format check, `reward`
-  8. `evaluate` and `summarize`: the agent eval that eval.py and the trainers run
+  8. `evaluate`, `score_samples`, `summarize`, `write_report`: the agent eval of eval.py and the trainers
   9. LoRA: `add_lora`, `lora_disabled`, `merge_lora`
  10. training utilities: `masked_nll`, `lr_at`, `pack_by_tokens`, checkpoints
 
@@ -1288,31 +1288,39 @@ def reward(traj, task, metric="em", format_weight=0.1, search_penalty=0.0, endpo
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. Agent evaluation: roll out, score, summarize (eval.py, and the trainers' periodic evals)
+# 8. Agent evaluation: roll out, score, summarize, report (eval.py, and the trainers' periodic evals)
+
+
+def score_samples(task, trajs, metric="em", endpoint=None, cache=None, image_dir=None, with_records=True,
+                  **reward_kw):
+    """One results line for a task's samples: id, question, answers, and per sample the answer,
+    correct, reward (and its format part), finish_reason, turns, tool calls, tokens and (with
+    with_records) the trajectory record. reward_kw: format_weight, search_penalty."""
+    samples = []
+    for s, traj in enumerate(trajs):
+        traj.id = f"{task['id']}_s{s}"
+        value, parts = reward(traj, task, metric=metric, endpoint=endpoint, cache=cache, **reward_kw)
+        stats = traj.meta.get("stats", {})
+        sample = {"answer": parts["answer"], "correct": parts["correct"], "reward": value,
+                  "format": parts["format"], "finish_reason": traj.finish_reason, "turns": traj.turns,
+                  "tool_calls": Counter(c["name"] for c in traj.tool_calls),
+                  "tool_errors": sum(not c["ok"] for c in traj.tool_calls),
+                  "generated_tokens": stats.get("generated_tokens", 0),
+                  "prefill_tokens": stats.get("prefill_tokens", 0)}
+        if with_records:
+            sample["trajectory"] = trajectory_to_record(traj, image_dir=image_dir)
+            sample["trajectory"].pop("stats", None)
+        samples.append(sample)
+    return {"id": task["id"], "question": task["question"], "answers": task["answers"], "samples": samples}
 
 
 def evaluate(policy, tasks, toolbox, n=1, metric="em", endpoint=None, cache=None, image_dir=None, **rollout_kw):
-    """Roll out `n` samples per task and score them. Returns one results line per task (the lines
-    eval.py writes to results.jsonl): id, question, answers, samples (answer, correct, reward,
-    format, finish_reason, turns, tool calls, tokens, the trajectory record), time_s."""
+    """Roll out `n` samples per task and score them: one results line per task (what eval.py
+    writes to results.jsonl), with time_s."""
     t0 = time.time()
     trajs = rollout(policy, tasks, toolbox, n=n, **rollout_kw)
-    lines = []
-    for i, task in enumerate(tasks):
-        samples = []
-        for s, traj in enumerate(trajs[i * n:(i + 1) * n]):
-            traj.id = f"{task['id']}_s{s}"
-            value, parts = reward(traj, task, metric=metric, endpoint=endpoint, cache=cache)
-            stats = traj.meta.get("stats", {})
-            record = trajectory_to_record(traj, image_dir=image_dir)
-            record.pop("stats", None)
-            samples.append({"answer": parts["answer"], "correct": parts["correct"], "reward": value,
-                            "format": parts["format"], "finish_reason": traj.finish_reason, "turns": traj.turns,
-                            "tool_calls": Counter(c["name"] for c in traj.tool_calls),
-                            "tool_errors": sum(not c["ok"] for c in traj.tool_calls),
-                            "generated_tokens": stats.get("generated_tokens", 0),
-                            "prefill_tokens": stats.get("prefill_tokens", 0), "trajectory": record})
-        lines.append({"id": task["id"], "question": task["question"], "answers": task["answers"], "samples": samples})
+    lines = [score_samples(task, trajs[i * n:(i + 1) * n], metric, endpoint, cache, image_dir)
+             for i, task in enumerate(tasks)]
     for line in lines:
         line["time_s"] = (time.time() - t0) / max(1, len(tasks))
     return lines
@@ -1342,6 +1350,58 @@ def summarize(results):
         "wall time s": wall_time,
         "tokens / s": gen / wall_time if wall_time > 0 else 0.0,
     }
+
+
+def image_tag(path):
+    """An <img> with the file inlined as base64 (the report is one self-contained file)."""
+    import base64
+    import html
+    p = Path(path)
+    try:
+        data = base64.b64encode(p.read_bytes()).decode()
+    except OSError:
+        return f"<em>(missing image {html.escape(str(path))})</em>"
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(p.name)}">'
+
+
+def write_report(path, results, summary, title="mmsearch-r1 evaluation"):
+    """One card per example: the question image, each turn (reasoning, tool calls, crops, results
+    as the model saw them), the answer and the verdict; the summary table on top."""
+    import html
+    esc = html.escape
+    cards = []
+    for r in results:
+        if "error" in r:
+            cards.append(f'<div class="card bad"><h3>{esc(r["id"])}</h3><p>Error: {esc(r["error"])}</p></div>')
+            continue
+        for s_i, s in enumerate(r["samples"]):
+            traj = s["trajectory"]
+            images = iter(traj["images"])
+            turns = []
+            for m in traj["messages"]:
+                if m["role"] == "system":
+                    continue
+                parts = [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]
+                body = "".join(image_tag(next(images, "")) if p["type"] == "image"
+                               else f"<pre>{esc(p['text'])}</pre>" for p in parts)
+                turns.append(f'<div class="turn {m["role"]}"><b>{m["role"]}</b>{body}</div>')
+            verdict = {1.0: "correct", 0.0: "wrong", None: "unscorable"}.get(s["correct"], f'{s["correct"]:.2f}')
+            cards.append(
+                f'<div class="card {verdict}"><h3>{esc(r["id"])} sample {s_i}: {verdict}</h3>'
+                f'<p><b>Q:</b> {esc(r["question"])}<br><b>Gold:</b> {esc(" | ".join(r["answers"]))}<br>'
+                f'<b>Answer:</b> {esc(str(s["answer"]))} &nbsp; <b>finish:</b> {esc(str(s["finish_reason"]))}, '
+                f'{s["turns"]} turns, {sum(s["tool_calls"].values())} tool calls</p>{"".join(turns)}</div>')
+    table = "".join(f"<tr><td>{esc(k)}</td><td>{esc(str(round(v, 3) if isinstance(v, float) else v))}</td></tr>"
+                    for k, v in summary.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title><style>
+body {{font-family: sans-serif; max-width: 1100px; margin: auto}} table {{border-collapse: collapse}}
+td {{border: 1px solid #ccc; padding: 2px 8px}} .card {{border: 1px solid #999; margin: 12px 0; padding: 8px}}
+.correct {{border-left: 6px solid #2a2}} .wrong, .bad {{border-left: 6px solid #c22}} .unscorable {{border-left: 6px solid #aa2}}
+.turn {{margin: 6px 0; padding: 4px; background: #f6f6f6}} .assistant {{background: #eef4ff}}
+pre {{white-space: pre-wrap; margin: 2px 0}} img {{max-width: 320px; max-height: 320px; border: 1px solid #ccc}}
+</style></head><body><h1>{esc(title)}</h1><table>{table}</table>{"".join(cards)}</body></html>"""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(page, encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def main():
     runs = [(c, m, args.rows, args.tokens) for c in ("tiny", "small") for m in ("full", "lora")]
     if args.device == "cuda":
         runs += [("3b", m, 1, 8192) for m in ("full", "lora")]
-    print(f"| config | mode | params M | trainable M | tokens/step | step s | tok/s | extra MB |\n|---|---|---|---|---|---|---|---|")
+    print("| config | mode | params M | trainable M | tokens/step | step s | tok/s | extra MB |\n|---|---|---|---|---|---|---|---|")
     for config, mode, rows, tokens in runs:
         out = subprocess.run([sys.executable, __file__, "--worker", config, mode, "--rows", str(rows),
                               "--tokens", str(tokens), "--device", args.device, "--repeats", str(args.repeats)],
