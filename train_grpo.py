@@ -66,7 +66,7 @@ def loo_advantages(rewards, group_size):
     rewards: N = groups x group_size values, a group's samples contiguous; None = unscorable
     (judge failed): its advantage is 0 and it leaves its group's statistics. A sample with no
     scorable group-mate gets 0.
-        loo_advantages([1, 0, 0, 1], 2) -> [1, -1, 0, 0]
+        loo_advantages([1, 0, 1, 1], 2) -> [1, -1, 0, 0]
         loo_advantages([1, 0, 0, 0], 4) -> [1, -1/3, -1/3, -1/3]"""
     r = _groups(rewards, group_size)
     ok = ~r.isnan()
