@@ -1,12 +1,15 @@
-"""Benchmark: one SFT optimizer step (forward, backward, AdamW), full fine-tuning and LoRA.
+"""Benchmark: one SFT optimizer step (full fine-tuning and LoRA) and one GRPO step.
 
     python tests/bench_train.py                   # CPU: the tiny and small configs, each in a fresh process
     python tests/bench_train.py --device cuda     # adds a Qwen2.5-VL-3B-shaped model at 8k tokens (bf16 autocast)
 
-Each row: --rows trajectories of about --tokens tokens each (a question image, a long assistant
+SFT rows: --rows trajectories of about --tokens tokens each (a question image, a long assistant
 turn), one micro-batch, the best of --repeats steps after one warm-up. tok/s counts every token
 of the batch; memory is the peak above the process's size after the model and data are loaded
-(CPU: peak RSS; GPU: torch.cuda.max_memory_allocated). Not a test: run it by hand and paste the table.
+(CPU: peak RSS; GPU: torch.cuda.max_memory_allocated).
+GRPO rows: 8 tasks x 8 samples rolled out at T = 1 (one turn of up to 128 new tokens, no tools),
+then the policy loss (random advantages, so every sample trains) with backward and AdamW: rollout
+seconds, update seconds, tokens/s over the step. Not a test: run it by hand and paste the tables.
 """
 import argparse
 import contextlib
@@ -24,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mmsearch_r1 as core  # noqa: E402
+import train_grpo  # noqa: E402
 import train_sft  # noqa: E402
 
 CONFIGS = {
@@ -88,6 +92,38 @@ def worker(config, mode, rows, tokens, device, repeats):
                       "step_s": min(times), "tok_s": total / min(times), "extra_mb": extra}))
 
 
+def grpo_worker(config, device, repeats):
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        policy = core.load_policy(core.build_tiny_policy(Path(tmp) / "m", [TEXT] * 50, **CONFIGS[config]), device=device)
+    params = core.trainable_parameters(policy.model)
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    tasks = [{"id": str(i), "image": Image.new("RGB", (224, 168), (30 * i, 90, 200)), "question": f"Question {i}?"}
+             for i in range(8)]
+    best = None
+    for r in range(repeats + 1):
+        t0 = time.perf_counter()
+        trajs = core.rollout(policy, tasks, None, n=8, max_turns=1, max_new_tokens=128, temperature=1.0,
+                             seed=r, max_batch=64, progress=False)
+        t1 = time.perf_counter()
+        adv = torch.randn(len(trajs))
+        for mb in core.pack_by_tokens([len(t.input_ids) for t in trajs], 16384):
+            batch = core.collate(policy, [trajs[i] for i in mb])
+            logp, _ = core.sequence_logprobs(policy, batch, 1.0)
+            loss, _ = train_grpo.policy_loss(logp, logp.detach(), adv[mb], batch["loss_mask"],
+                                             norm=sum(sum(t.loss_mask) for t in trajs))
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        if r and (best is None or t2 - t0 < best[0] + best[1]):
+            best = (t1 - t0, t2 - t1, sum(len(t.input_ids) for t in trajs), sum(sum(t.loss_mask) for t in trajs))
+    rollout_s, update_s, tokens, sampled = best
+    print(json.dumps({"rollout_s": rollout_s, "update_s": update_s, "tokens": tokens, "sampled": sampled,
+                      "tok_s": tokens / (rollout_s + update_s),
+                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -96,6 +132,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed steps (best is reported)")
     ap.add_argument("--worker", nargs=2, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker and args.worker[1] == "grpo":
+        return grpo_worker(args.worker[0], args.device, args.repeats)
     if args.worker:
         return worker(*args.worker, args.rows, args.tokens, args.device, args.repeats)
     runs = [(c, m, args.rows, args.tokens) for c in ("tiny", "small") for m in ("full", "lora")]
@@ -112,6 +150,18 @@ def main():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"| {config} | {mode} | {r['params_m']:.2f} | {r['trainable_m']:.3f} | {r['tokens']} | "
               f"{r['step_s']:.3f} | {r['tok_s']:.0f} | {r['extra_mb']:.0f} |")
+
+    print("\n| config | GRPO step: 8 tasks x 8 samples | rollout s | update s | tokens | sampled tokens | tok/s | peak RSS MB |"
+          "\n|---|---|---|---|---|---|---|---|")
+    for config in ("tiny", "small") + (("3b",) if args.device == "cuda" else ()):
+        out = subprocess.run([sys.executable, __file__, "--worker", config, "grpo", "--device", args.device,
+                              "--repeats", str(args.repeats)], capture_output=True, text=True)
+        if out.returncode:
+            print(f"| {config} | failed: {out.stderr.strip().splitlines()[-1]} |")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {config} | one step | {r['rollout_s']:.2f} | {r['update_s']:.2f} | {r['tokens']} | {r['sampled']} | "
+              f"{r['tok_s']:.0f} | {r['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":
