@@ -1,21 +1,33 @@
-"""Build the offline toy world that the quick start, the demo and the tests run on.
+"""Build the offline toy world that the quick start, the main command and the tests run on.
 
-    python data/toyworld/prepare.py                       # -> data/toyworld/out/ (seconds, CPU)
-    python data/toyworld/prepare.py --entities 60 --tasks 400 --out /tmp/toyworld
+    python data/toyworld/prepare.py                       # -> data/toyworld/out/ (about a minute, CPU)
+    python data/toyworld/prepare.py --entities 40 --tasks 120 --out /tmp/toyworld   # a small one
 
-A world of made-up landmarks. Each has a procedural picture, a wiki page (title, url, facts
-among distractor sentences) and an entry in an image-search index. A question image shows two to
-four landmarks in the corners of a grey canvas; the question asks a fact (city, architect, year)
-about the one in a named corner, so the agent has to crop, search the crop by image, read the
-page, and answer. Writes to --out:
+A world of made-up landmarks (towers, bridges, gates, ...). Each has a procedural picture, a wiki
+page (its city, architect and year among distractor sentences) and an entry in an image-search
+index. Landmarks come in look-alike pairs: two landmarks of different kinds share one picture, so
+reverse image search returns both, in an order that says nothing about which is meant; the
+result titles name the kind ("Kalomi Tower", "Renbel Gate"). Questions, tagged by `type`:
 
-    images/            entity pictures and question scenes (PNG)
+    visual   one landmark fills the image; "What shape is drawn on this tower?"   (no search needed)
+    whole    one landmark fills the image; "In what year was this tower completed?"
+             (image_search on the image -> visit -> answer)
+    crop     two to four landmarks in the corners; "In what year was the gate in the top-left
+             corner completed?"  (crop the corner -> image_search on the crop -> visit -> answer)
+
+The oracle that writes the SFT data searches, opens the *top* hit and answers; its trajectories
+are kept only where that was right (half the time, by construction). Opening the hit whose kind
+matches the question is a decision the oracle never shows and a reward can teach: that is the
+room GRPO has above SFT. Test scenes are never seen in training, and a share of the landmarks
+(--unseen) appear only in test questions. Writes to --out:
+
+    images/            landmark pictures and question scenes (PNG)
     corpus.jsonl       the pages: id, title, url, text (the local text search and page store)
     images.jsonl       the image index: image, title, url, snippet (the local image search)
-    train.jsonl        tasks: id, image, question, answers (GRPO prompts)
-    test.jsonl         held-out tasks (eval)
-    sft.jsonl          oracle trajectories for the train tasks (crop -> image_search -> visit -> answer),
-                       made by forcing the oracle's text through the real rollout loop and tools
+    train.jsonl        tasks: id, type, image, question, answers (GRPO prompts)
+    val.jsonl, test.jsonl   held-out tasks (new scenes; test also has the unseen landmarks)
+    sft.jsonl          oracle trajectories for train tasks, made by forcing the oracle's text
+                       through the real rollout loop and tools (kept where the answer is right)
     model/             a tiny random Qwen2.5-VL and its BPE tokenizer (build_tiny_policy)
 """
 import argparse
@@ -36,10 +48,11 @@ SHAPES = ["circle", "square", "triangle", "stripes", "cross", "ring"]
 PALETTE = [(220, 40, 40), (40, 170, 70), (40, 80, 220), (230, 190, 40), (150, 60, 200), (30, 190, 200),
            (240, 120, 30), (120, 120, 120), (250, 250, 250), (20, 20, 20)]
 CORNERS = {"top-left": (0, 0), "top-right": (1, 0), "bottom-left": (0, 1), "bottom-right": (1, 1)}
-QUESTIONS = {"city": "In which city is the {kind} in the {corner} corner of the image?",
-             "architect": "Who designed the {kind} in the {corner} corner of the image?",
-             "year": "In what year was the {kind} in the {corner} corner of the image completed?"}
-TILE, SCENE = 64, (224, 160)
+QUESTIONS = {"visual": "What shape is drawn on this {kind}?",
+             "whole": "In what year was this {kind} completed?",
+             "crop": "In what year was the {kind} in the {corner} corner of the image completed?"}
+TILE, SCENE, MARGIN = 64, (224, 160), 8
+URL = "http://toyworld.local/wiki/{slug}"
 
 
 def name(rng, parts=2):
@@ -47,22 +60,28 @@ def name(rng, parts=2):
 
 
 def make_entities(n, rng):
-    combos = [(bg, fg, s) for bg in range(len(PALETTE)) for fg in range(len(PALETTE)) for s in range(len(SHAPES)) if bg != fg]
-    rng.shuffle(combos)
+    """n landmarks in look-alike pairs: the two of a pair share a picture and differ in kind."""
+    looks = [(bg, fg, s) for bg in range(len(PALETTE)) for fg in range(len(PALETTE)) for s in range(len(SHAPES))
+             if bg != fg]
+    rng.shuffle(looks)
     entities, used = [], set()
     for i in range(n):
         title = name(rng)
         while title in used:
             title = name(rng, 3)
         used.add(title)
-        kind = KINDS[i % len(KINDS)]
-        entities.append({"title": f"{title} {kind.capitalize()}", "kind": kind, "look": combos[i],
-                         "city": f"{name(rng)}ville", "architect": f"{name(rng)} {name(rng)}",
-                         "year": str(rng.randint(1200, 2020)), "slug": f"{title.lower()}_{kind}"})
+        if i % 2 == 0:
+            kind = rng.choice(KINDS)
+        else:   # the twin: the same picture, another kind
+            kind = rng.choice([k for k in KINDS if k != entities[-1]["kind"]])
+        entities.append({"title": f"{title} {kind.capitalize()}", "kind": kind, "look": looks[i // 2],
+                         "shape": SHAPES[looks[i // 2][2]], "city": f"{name(rng)}ville",
+                         "architect": f"{name(rng)} {name(rng)}", "year": str(rng.randint(1200, 2020)),
+                         "slug": f"{title.lower()}_{kind}", "twin": i + 1 if i % 2 == 0 else i - 1})
     return entities
 
 
-def draw_entity(look):
+def draw_entity(look, size=TILE):
     bg, fg, shape = PALETTE[look[0]], PALETTE[look[1]], SHAPES[look[2]]
     img = Image.new("RGB", (TILE, TILE), bg)
     d = ImageDraw.Draw(img)
@@ -80,7 +99,7 @@ def draw_entity(look):
         d.rectangle((6, 26, 58, 38), fill=fg)
     else:
         d.ellipse((8, 8, 56, 56), outline=fg, width=9)
-    return img
+    return img if size == TILE else img.resize((size, size), Image.NEAREST)
 
 
 def page_text(e, rng, others):
@@ -94,101 +113,149 @@ def page_text(e, rng, others):
     return "\n\n".join(paragraphs)
 
 
-def oracle_turns(task, e, convention, shown):
-    """The oracle's four assistant turns for a task: crop the landmark, search it, read, answer."""
+def corner_box(corner):
+    """The fixed box the oracle crops for a corner (scene pixels): the tile's slot plus a margin."""
+    cx, cy = CORNERS[corner]
+    x = MARGIN if cx == 0 else SCENE[0] - MARGIN - TILE
+    y = MARGIN if cy == 0 else SCENE[1] - MARGIN - TILE
+    return [x - 4, y - 4, x + TILE + 4, y + TILE + 4]
+
+
+def make_task(t, kind_of_task, entities, pool, rng, out):
+    """One question with its image: a scene for `crop`, the landmark's picture for `visual`/`whole`."""
+    if kind_of_task == "crop":
+        corners = rng.sample(list(CORNERS), rng.randint(2, 4))
+        members = rng.sample(pool, len(corners))
+        scene = Image.new("RGB", SCENE, (200, 200, 200))
+        for corner, m in zip(corners, members):
+            box = corner_box(corner)
+            scene.paste(draw_entity(entities[m]["look"]), (box[0] + 4 + rng.randint(-2, 2), box[1] + 4 + rng.randint(-2, 2)))
+        target = rng.randrange(len(corners))
+        e, corner, m = entities[members[target]], corners[target], members[target]
+    else:
+        m = rng.choice(pool)
+        e, corner = entities[m], None
+        scene = draw_entity(e["look"], size=160)
+    scene.save(out / "images" / f"scene_{t:04d}.png")
+    field = "shape" if kind_of_task == "visual" else "year"
+    return {"id": f"toy{t:04d}", "type": kind_of_task, "image": f"images/scene_{t:04d}.png",
+            "question": QUESTIONS[kind_of_task].format(kind=e["kind"], corner=corner),
+            "answers": [e[field]], "entity": m, "corner": corner}
+
+
+def oracle_box(task, convention, shown):
+    """The corner's fixed box in the policy's convention (`shown`: the scene's size as the model sees it)."""
     W, H = SCENE
-    box = task["box"]                                                               # pixels of the scene
-    scale = {"abs": (shown[0] / W, shown[1] / H), "rel1000": (1000 / W, 1000 / H), "rel": (1 / W, 1 / H)}[convention]
-    bbox = [round(v * scale[i % 2], 3 if convention == "rel" else None) for i, v in enumerate(box)]
+    scale = {"abs": (shown[0] / W, shown[1] / H), "rel1000": (1000 / W, 1000 / H)}[convention]
+    return [round(v * scale[i % 2]) for i, v in enumerate(corner_box(task["corner"]))]
+
+
+def oracle_turns(task, e, hits, bbox, by_url):
+    """The oracle's assistant turns: answer from the image, or search (cropping `bbox` first for
+    `crop`), open the top hit, answer with what its page says. `hits` are the image search's
+    results; `by_url` maps a page's url to its landmark."""
     call = core.format_tool_call
-    return [f"<think>The question is about the {task['corner']} corner. I will zoom in there.</think>\n"
-            + call("crop", {"image": 0, "bbox_2d": bbox}),
-            "<think>I do not recognise this landmark. I will search for the crop.</think>\n"
-            + call("image_search", {"image": 1}),
-            f"<think>The top result is the {e['title']}. I will read its page.</think>\n"
-            + call("visit", {"url": f"http://toyworld.local/wiki/{e['slug']}", "goal": task["field"]}),
-            f"<think>The page answers it.</think>\n<answer>{task['answers'][0]}</answer>"]
+    if task["type"] == "visual":
+        return [f"<think>I can see the {e['kind']}: it shows a {e['shape']}.</think>\n<answer>{e['shape']}</answer>"]
+    turns = []
+    if task["type"] == "crop":
+        turns.append(f"<think>The question is about the {task['corner']} corner. I will zoom in there.</think>\n"
+                     + call("crop", {"image": 0, "bbox_2d": bbox}))
+    image = 1 if task["type"] == "crop" else 0
+    turns.append(f"<think>I do not know this {e['kind']}. I will search for the image.</think>\n"
+                 + call("image_search", {"image": image}))
+    top = hits[0]
+    turns.append(f"<think>The top result is the {top['title']}. I will read its page.</think>\n"
+                 + call("visit", {"url": top["url"], "goal": "year"}))
+    turns.append(f"<think>The page says when it was completed.</think>\n<answer>{by_url[top['url']]['year']}</answer>")
+    return turns
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).parent / "out"), help="output folder")
-    ap.add_argument("--entities", type=int, default=40, help="landmarks in the world")
-    ap.add_argument("--tasks", type=int, default=240, help="questions (train + test)")
-    ap.add_argument("--test-fraction", type=float, default=0.25, help="share of questions held out")
+    ap.add_argument("--entities", type=int, default=200, help="landmarks in the world (even: they come in pairs)")
+    ap.add_argument("--tasks", type=int, default=1600, help="questions (train + val + test)")
+    ap.add_argument("--test-fraction", type=float, default=0.2, help="share of questions held out for test")
+    ap.add_argument("--val-fraction", type=float, default=0.05, help="share of questions held out for validation")
+    ap.add_argument("--unseen", type=float, default=0.2, help="share of landmark pairs asked about in test only")
+    ap.add_argument("--mix", default="visual:0.2,whole:0.3,crop:0.5", help="question types and their shares")
+    ap.add_argument("--k", type=int, default=5, help="image search results the oracle sees (use the same --k in eval and GRPO)")
+    ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tiny tokenizer")
+    ap.add_argument("--max-pixels", type=int, default=224 * 168, help="tiny model's image budget (pixels)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (the world is deterministic)")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
 
-    # 1. entities: pictures, pages, the image index
-    entities = make_entities(args.entities, rng)
+    # 1. landmarks: pictures, pages, the image index
+    entities = make_entities(args.entities - args.entities % 2, rng)
     corpus, index = [], []
     for i, e in enumerate(entities):
         draw_entity(e["look"]).save(out / "images" / f"entity_{i:03d}.png")
-        url = f"http://toyworld.local/wiki/{e['slug']}"
-        corpus.append({"id": str(i), "title": e["title"], "url": url,
+        corpus.append({"id": str(i), "title": e["title"], "url": URL.format(slug=e["slug"]),
                        "text": page_text(e, rng, entities[:i] + entities[i + 1:])})
-        index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": url,
-                      "snippet": f"{e['title']}, a {e['kind']}."})
+        index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(slug=e["slug"]),
+                      "snippet": f"{e['title']}, a {e['kind']} in {e['city']}."})
     write_jsonl(out / "corpus.jsonl", corpus)
     write_jsonl(out / "images.jsonl", index)
 
-    # 2. tasks: scenes with 2-4 landmarks in corners, a question about one of them
+    # 2. tasks: train/val on the seen landmarks; test on seen and unseen ones (new scenes in any case)
+    pairs = list(range(0, len(entities), 2))
+    rng.shuffle(pairs)
+    n_unseen = int(len(pairs) * args.unseen)
+    unseen = [i + d for p in pairs[:n_unseen] for i, d in [(p, 0), (p, 1)]]
+    seen = [i + d for p in pairs[n_unseen:] for i, d in [(p, 0), (p, 1)]]
+    mix = {k: float(v) for k, v in (part.split(":") for part in args.mix.split(","))}
+    n_test, n_val = int(args.tasks * args.test_fraction), int(args.tasks * args.val_fraction)
     tasks = []
     for t in range(args.tasks):
-        corners = rng.sample(list(CORNERS), rng.randint(2, 4))
-        members = rng.sample(range(len(entities)), len(corners))
-        scene = Image.new("RGB", SCENE, (200, 200, 200))
-        boxes = []
-        for corner, m in zip(corners, members):
-            cx, cy = CORNERS[corner]
-            x = cx * SCENE[0] // 2 + rng.randint(4, SCENE[0] // 2 - TILE - 4)
-            y = cy * SCENE[1] // 2 + rng.randint(4, SCENE[1] // 2 - TILE - 4)
-            scene.paste(Image.open(out / "images" / f"entity_{m:03d}.png"), (x, y))
-            boxes.append([x, y, x + TILE, y + TILE])
-        scene.save(out / "images" / f"scene_{t:04d}.png")
-        target = rng.randrange(len(corners))
-        e, field = entities[members[target]], rng.choice(list(QUESTIONS))
-        tasks.append({"id": f"toy{t:04d}", "image": f"images/scene_{t:04d}.png",
-                      "question": QUESTIONS[field].format(kind=e["kind"], corner=corners[target]),
-                      "answers": [e[field]], "corner": corners[target], "field": field, "entity": members[target],
-                      "box": boxes[target]})
-    n_test = int(len(tasks) * args.test_fraction)
-    write_jsonl(out / "test.jsonl", tasks[:n_test])
-    write_jsonl(out / "train.jsonl", tasks[n_test:])
+        kind_of_task = list(mix)[t % len(mix)] if t < len(mix) else rng.choices(list(mix), weights=list(mix.values()))[0]
+        pool = (seen + unseen) if t < n_test else seen
+        tasks.append(make_task(t, kind_of_task, entities, pool, rng, out))
+    test, val, train = tasks[:n_test], tasks[n_test:n_test + n_val], tasks[n_test + n_val:]
+    for split, rows in [("test", test), ("val", val), ("train", train)]:
+        write_jsonl(out / f"{split}.jsonl", rows)
 
-    # 3. the tiny model, with a tokenizer trained on the world's text
-    texts = [d["text"] for d in corpus] + [t["question"] for t in tasks] + [core.system_prompt(c) for c in core.CONVENTION_TEXT]
-    shown = (SCENE[0], SCENE[1])
-    sample_turns = oracle_turns(tasks[0], entities[tasks[0]["entity"]], "abs", shown)
-    core.build_tiny_policy(out / "model", texts + sample_turns * 20)
+    # 3. the tiny model, with a tokenizer trained on the world's text and the system prompt
+    texts = [d["text"] for d in corpus] + [t["question"] for t in tasks] + [json.dumps(h) for h in index]
+    texts += [core.system_prompt(c) for c in core.CONVENTION_TEXT] * 20
+    texts += [f"<think>The top result is the {e['title']}. I will read its page.</think>\n" +
+              core.format_tool_call("visit", {"url": URL.format(slug=e["slug"]), "goal": "year"}) for e in entities]
+    core.build_tiny_policy(out / "model", texts, vocab_size=args.vocab, max_pixels=args.max_pixels)
     policy = core.load_policy(out / "model")
 
-    # 4. oracle trajectories through the real loop and tools
+    # 4. oracle trajectories through the real loop and tools, kept where the answer is right
     text = tools.LocalTextSearch(out / "corpus.jsonl")
-    toolbox = tools.Toolbox(text_search=text, image_search=tools.LocalImageSearch(out / "images.jsonl"), pages=text,
-                            convention=policy.crop_convention, shown_size=policy.shown_size, k=3)
-    train = [dict(t, _root=str(out)) for t in tasks[n_test:]]
-    shown = policy.shown_size(Image.open(out / train[0]["image"]))
-    scripts = {t["id"]: oracle_turns(t, entities[t["entity"]], policy.crop_convention, shown) for t in train}
-    trajs = core.rollout(policy, train, toolbox, max_turns=4, max_images=4, max_context=8192,
+    image_search = tools.LocalImageSearch(out / "images.jsonl")
+    toolbox = tools.Toolbox(text_search=text, image_search=image_search, pages=text,
+                            convention=policy.crop_convention, shown_size=policy.shown_size, k=args.k)
+    rows = [dict(t, _root=str(out)) for t in train]
+    scripts, by_url = {}, {URL.format(slug=e["slug"]): e for e in entities}
+    for task in rows:   # the oracle sees what the tools will return: the same crop, the same search
+        image = core.load_image(out / task["image"])
+        bbox = oracle_box(task, policy.crop_convention, policy.shown_size(image)) if task["type"] == "crop" else None
+        query = tools.crop(image, bbox, policy.crop_convention, policy.shown_size(image), toolbox.crop_settings) \
+            if bbox else image
+        scripts[task["id"]] = oracle_turns(task, entities[task["entity"]], image_search.search(query, args.k), bbox,
+                                           by_url)
+    trajs = core.rollout(policy, rows, toolbox, max_turns=4, max_images=4, max_context=8192,
                          forced=lambda task, turn: scripts[task["id"]][turn], progress=False)
-    records, correct, found = [], 0, 0
-    for task, traj in zip(train, trajs):
+    records, stats = [], {k: [0, 0] for k in mix}
+    for task, traj in zip(rows, trajs):
         value, parts = core.reward(traj, task)
-        correct += parts["correct"] == 1.0
-        search = next((c for c in traj.tool_calls if c["name"] == "image_search"), None)
-        tool_turns = [m["content"] for m in traj.messages if m["role"] == "tool"]
-        found += search is not None and entities[task["entity"]]["title"] in str(tool_turns[1])
-        records.append(core.trajectory_to_record(traj, image_dir=out / "images" / "crops"))
+        stats[task["type"]][1] += 1
+        if parts["correct"] == 1.0:
+            stats[task["type"]][0] += 1
+            records.append(core.trajectory_to_record(traj, image_dir=out / "images" / "crops"))
     write_jsonl(out / "sft.jsonl", records)
-    print(f"toy world in {out}: {len(entities)} landmarks, {len(train)} train / {n_test} test tasks, "
-          f"{len(records)} oracle trajectories")
-    print(f"oracle: image search on the crop finds the landmark in {found}/{len(train)}; "
-          f"final answer correct in {correct}/{len(train)}")
-    return {"train": len(train), "test": n_test, "search_found": found, "correct": correct}
+    print(f"toy world in {out}: {len(entities)} landmarks ({len(unseen)} only in test), "
+          f"{len(train)} train / {len(val)} val / {len(test)} test tasks")
+    print("oracle (open the top hit): " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in stats.items())
+          + f" correct; {len(records)} SFT trajectories")
+    return {"train": len(train), "val": len(val), "test": len(test), "sft": len(records),
+            "oracle": {k: tuple(v) for k, v in stats.items()}}
 
 
 def write_jsonl(path, rows):
