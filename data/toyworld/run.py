@@ -1,0 +1,180 @@
+"""The main command: the whole pipeline on the offline toy world, on a CPU, in minutes.
+
+    python data/toyworld/run.py                      # -> runs/toy/: world, evals, SFT, GRPO, tables, pages
+    python data/toyworld/run.py --seed 1 --out runs/toy_s1
+    python data/toyworld/run.py --fast --out /tmp/toy_fast     # a small world and short runs (CI)
+
+Stages, each a separate script run in its own process (re-running skips finished stages and
+resumes an interrupted training run):
+    1. world      data/toyworld/prepare.py: landmarks, pages, image index, tasks, oracle SFT data, tiny model
+    2. eval init  eval.py on the test split, the untrained model, with tools and with --no-tools
+    3. sft        train_sft.py on the oracle trajectories
+    4. eval sft
+    5. grpo       train_grpo.py from the SFT model on the train tasks (val tasks evaluated as it goes)
+    6. eval grpo  (and its HTML report)
+Then a table per stage (accuracy overall and per question type, tool use, turns, finish reasons)
+is printed and written to results.md, and curves.html draws the training curves.
+"""
+import argparse
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+SEARCHES = ("image_search", "text_search", "visit")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/toy", help="folder for every stage's output")
+    ap.add_argument("--seed", type=int, default=0, help="world, SFT and GRPO seed")
+    ap.add_argument("--fast", action="store_true", help="a small world and short runs (for CI)")
+    ap.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps")
+    ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO optimizer steps")
+    ap.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
+    ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
+    ap.add_argument("--grpo-args", default="", help="extra flags for train_grpo.py (ablations), e.g. '--advantage grpo'")
+    args = ap.parse_args(argv)
+    args.sft_steps = args.sft_steps or (60 if args.fast else 450)
+    args.grpo_steps = args.grpo_steps or (8 if args.fast else 60)
+    return args
+
+
+def run(stage, cmd, log):
+    """One stage in its own process; its output goes to `log`; a failure stops the pipeline."""
+    t0 = time.time()
+    print(f"[{stage}] {' '.join(str(c) for c in cmd[1:])}", flush=True)
+    with open(log, "a", encoding="utf-8") as f:
+        code = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        tail = "".join(Path(log).read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-15:])
+        raise SystemExit(f"[{stage}] failed (exit {code}); the end of {log}:\n{tail}\n"
+                         "Fix the cause and run the same command again: finished stages are skipped.")
+    print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
+
+
+def stage_table(name, results, types):
+    """One row of the summary table from an eval's results.jsonl lines."""
+    samples = [(types[r["id"]], s) for r in results if "error" not in r for s in r["samples"]]
+    n = max(1, len(samples))
+    row = {"stage": name, "acc": sum(s["correct"] or 0 for _, s in samples) / n}
+    for t in sorted(set(types.values())):
+        of_type = [s for k, s in samples if k == t]
+        row[f"acc {t}"] = sum(s["correct"] or 0 for s in of_type) / max(1, len(of_type))
+    visual = [s for k, s in samples if k == "visual"]
+    row["searches/q (visual)"] = sum(sum(s["tool_calls"].get(x, 0) for x in SEARCHES) for s in visual) / max(1, len(visual))
+    row["crops/q"] = sum(s["tool_calls"].get("crop", 0) for _, s in samples) / n
+    row["calls/q"] = sum(sum(s["tool_calls"].values()) for _, s in samples) / n
+    row["turns"] = sum(s["turns"] for _, s in samples) / n
+    row["finish"] = ", ".join(f"{k} {v}" for k, v in Counter(s["finish_reason"] for _, s in samples).most_common())
+    return row
+
+
+def markdown(rows):
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def svg_curve(title, series, width=520, height=180):
+    """An inline SVG line chart: series is {label: [(x, y), ...]}."""
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return ""
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points) or 1
+    y0, y1 = min(0.0, min(p[1] for p in points)), max(p[1] for p in points) or 1.0
+    sx = lambda x: 40 + (x - x0) / max(1e-9, x1 - x0) * (width - 60)
+    sy = lambda y: height - 25 - (y - y0) / max(1e-9, y1 - y0) * (height - 45)
+    body = [f'<text x="40" y="14" font-size="13">{title}</text>',
+            f'<text x="2" y="{sy(y1) + 4:.0f}" font-size="10">{y1:.3g}</text>',
+            f'<text x="2" y="{sy(y0) + 4:.0f}" font-size="10">{y0:.3g}</text>',
+            f'<line x1="40" y1="{sy(y0):.0f}" x2="{width - 20}" y2="{sy(y0):.0f}" stroke="#999"/>']
+    for i, (label, s) in enumerate(series.items()):
+        c = colors[i % len(colors)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in s)
+        body.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{path}"/>')
+        body.append(f'<text x="{60 + 110 * i}" y="{height - 5}" font-size="11" fill="{c}">{label}</text>')
+    return f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">{"".join(body)}</svg>'
+
+
+def curves_page(out, path):
+    def rows(p):
+        return [json.loads(line) for line in p.read_text().splitlines()] if p.exists() else []
+    sft, grpo = rows(out / "sft" / "metrics.jsonl"), rows(out / "grpo" / "metrics.jsonl")
+    charts = [svg_curve("SFT loss", {"loss": [(r["step"], r["loss"]) for r in sft]}),
+              svg_curve("GRPO reward and accuracy", {
+                  "reward": [(r["step"], r["reward"]) for r in grpo],
+                  "train correct": [(r["step"], r["correct"]) for r in grpo],
+                  "val acc (greedy)": [(r["step"], r["eval_acc"]) for r in grpo if "eval_acc" in r]}),
+              svg_curve("GRPO tool calls per trajectory", {
+                  t: [(r["step"], r[f"calls_{t}"]) for r in grpo] for t in ("crop", "image_search", "visit")}),
+              svg_curve("GRPO masked and uninformative", {
+                  "over-turn": [(r["step"], r["masked_over_turn"]) for r in grpo],
+                  "anomaly": [(r["step"], r["masked_anomaly"]) for r in grpo],
+                  "zero-var groups": [(r["step"], r["zero_var_groups"]) for r in grpo]})]
+    path.write_text("<!doctype html><html><head><meta charset='utf-8'><title>toy world training curves</title>"
+                    "</head><body style='font-family:sans-serif'><h1>Training curves</h1>"
+                    + "".join(f"<div>{c}</div>" for c in charts) + "</body></html>", encoding="utf-8")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    world, log = out / "world", out / "log.txt"
+    py = sys.executable
+    t_start = time.time()
+    size = ["--entities", "40", "--tasks", "240"] if args.fast else []
+    if not (world / "sft.jsonl").exists():
+        run("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, *size], log)
+    tool_flags = ["--backend", "local", "--corpus", world / "corpus.jsonl", "--image-index", world / "images.jsonl",
+                  "--k", "5", "--cache", "", "--max-turns", "4", "--max-new-tokens", "96", "--max-context", "4096"]
+
+    def evaluate(stage, model):
+        for suffix, extra in [("", ["--html", out / f"eval_{stage}" / "report.html"]), ("_notools", ["--no-tools"])]:
+            folder = out / f"eval_{stage}{suffix}"
+            if not (folder / "summary.json").exists():
+                run(f"eval {stage}{suffix.replace('_', ' ')}",
+                    [py, ROOT / "eval.py", "--model", model, "--data", world / "test.jsonl", "--out", folder,
+                     "--batch", "64", "--resume", "--temperature", "0", *tool_flags, *extra], log)
+
+    evaluate("init", world / "model")
+    if not (out / "sft" / "final" / "config.json").exists():
+        run("sft", [py, ROOT / "train_sft.py", "--model", world / "model", "--data", world / "sft.jsonl",
+                    "--out", out / "sft", "--steps", args.sft_steps, "--lr", "2e-3", "--warmup", "20",
+                    "--batch-tokens", "8192", "--seed", args.seed, "--save-every", "100", "--keep-last", "1",
+                    "--quiet", "--resume"], log)
+    evaluate("sft", out / "sft" / "final")
+    if not (out / "grpo" / "final" / "config.json").exists():
+        run("grpo", [py, ROOT / "train_grpo.py", "--model", out / "sft" / "final", "--tasks", world / "train.jsonl",
+                     "--eval-tasks", world / "val.jsonl", "--out", out / "grpo", "--steps", args.grpo_steps,
+                     "--lr", args.grpo_lr, "--temperature", args.temperature, "--tasks-per-step", "8",
+                     "--group-size", "8", "--rollout-batch", "64", "--eval-every", max(1, args.grpo_steps // 4),
+                     "--save-every", "10", "--keep-last", "1", "--seed", args.seed, "--quiet", "--resume",
+                     *tool_flags, *args.grpo_args.split()], log)
+    evaluate("grpo", out / "grpo" / "final")
+
+    types = {json.loads(line)["id"]: json.loads(line)["type"] for line in (world / "test.jsonl").read_text().splitlines()}
+    rows = []
+    for stage in ("init", "sft", "grpo"):
+        for suffix, label in [("", "tools"), ("_notools", "no tools")]:
+            lines = [json.loads(line) for line in (out / f"eval_{stage}{suffix}" / "results.jsonl").read_text().splitlines()]
+            rows.append(stage_table(f"{stage} ({label})", lines, types))
+    table = markdown(rows)
+    minutes = (time.time() - t_start) / 60
+    (out / "results.md").write_text(f"{table}\n\n{len(types)} held-out test tasks, greedy; this run {minutes:.1f} min\n")
+    curves_page(out, out / "curves.html")
+    print(f"\n{table}\n\ntest tasks: {len(types)} (greedy). Report: {out / 'eval_grpo' / 'report.html'}; "
+          f"curves: {out / 'curves.html'}; table: {out / 'results.md'}; {minutes:.1f} min")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
