@@ -241,6 +241,7 @@ class LocalTextSearch:
                                     "id, title, url, text); build one with data/toyworld/prepare.py")
         self.index = self.corpus.with_name(self.corpus.name + ".fts.sqlite")
         stamp = f"{self.corpus.stat().st_size}-{self.corpus.stat().st_mtime_ns}"
+        self.name = f"local:{self.corpus.resolve()}:{stamp}"   # the cache key: this corpus, this version
         with self._connect() as db:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             row = db.execute("SELECT value FROM meta WHERE key = 'stamp'").fetchone()
@@ -314,8 +315,8 @@ class LocalImageSearch:
                                     "image, title, url, snippet); build one with data/toyworld/prepare.py")
         self.entries = [json.loads(line) for line in self.index.read_text().splitlines() if line.strip()]
         self.embed = self._embedder(embed_model) if embed_model else image_descriptor
-        if embed_model:
-            self.name = f"local:{embed_model}"
+        stat = self.index.stat()
+        self.name = f"local:{self.index.resolve()}:{stat.st_size}-{stat.st_mtime_ns}" + (f":{embed_model}" if embed_model else "")
         cache = self.index.with_name(self.index.name + (".emb.npy" if embed_model else ".npy"))
         if cache.exists() and cache.stat().st_mtime_ns >= self.index.stat().st_mtime_ns:
             self.vectors = np.load(cache)
@@ -362,6 +363,7 @@ class HttpSettings:
     retries: int = 2
     backoff: float = 0.5
     max_backoff: float = 8.0
+    max_bytes: int = 10_000_000   # an API answer larger than this is an error, not a memory spike
 
 
 def http_json(method, url, provider, settings, **kwargs):
@@ -369,13 +371,17 @@ def http_json(method, url, provider, settings, **kwargs):
     which may carry an API key."""
     for attempt in range(settings.retries + 1):
         wait = settings.backoff * 2 ** attempt
-        try:
-            r = requests.request(method, url, timeout=settings.timeout, **kwargs)
+        try:   # never follow a redirect: it could carry the API key to another host
+            r = requests.request(method, url, timeout=settings.timeout, allow_redirects=False, stream=True, **kwargs)
+            body = read_capped(r, settings.max_bytes, time.monotonic() + settings.timeout, provider)
         except requests.Timeout:
             problem = f"{provider} did not answer within {settings.timeout:g}s"
         except requests.RequestException as e:
             problem = f"{provider} could not be reached ({type(e).__name__})"
         else:
+            if r.is_redirect or 300 <= r.status_code < 400:
+                raise ToolError(f"{provider} answered with a redirect (HTTP {r.status_code}); API calls do not "
+                                "follow redirects. Check the base URL.")
             if r.status_code == 429 or r.status_code >= 500:
                 problem = f"{provider} answered HTTP {r.status_code}"
                 retry_after = r.headers.get("Retry-After", "")
@@ -385,8 +391,8 @@ def http_json(method, url, provider, settings, **kwargs):
                 raise ToolError(f"{provider} answered HTTP {r.status_code}{hint}")
             else:
                 try:
-                    return r.json()
-                except ValueError:
+                    return json.loads(body)
+                except (ValueError, RecursionError):
                     kind = "an HTML page" if "html" in r.headers.get("content-type", "") else "invalid JSON"
                     raise ToolError(f"{provider} returned {kind} instead of JSON") from None
         if attempt < settings.retries:
@@ -556,58 +562,136 @@ def html_to_text(page):
     return " ".join(parser.title.split()), "\n\n".join(parser.paragraphs)
 
 
+def read_capped(response, max_bytes, deadline, what):
+    """The body of a streamed response, at most `max_bytes`, read before `deadline` (monotonic
+    seconds; checked between reads, each read bounded by the connection's timeout)."""
+    body = bytearray()
+    for chunk in response.iter_content(65536):
+        body += chunk
+        if len(body) > max_bytes:
+            raise ToolError(f"{what} sent more than {max_bytes} bytes")
+        if time.monotonic() > deadline:
+            raise ToolError(f"{what} did not finish sending within its deadline")
+    return bytes(body)
+
+
+@dataclass
+class Target:
+    """Where a checked URL really goes: the connection is made to `ip`, with `host` as the Host
+    header and TLS server name, so nothing resolves the name a second time (no DNS rebinding)."""
+    scheme: str
+    host: str      # IDNA-encoded
+    port: int
+    path: str      # path and query
+    ip: str
+
+
 def check_public_url(url, allow_private=False):
-    """Refuse non-http(s) URLs and, unless allowed, hosts that resolve to loopback, private,
-    link-local or otherwise non-public addresses: the URL comes from model output."""
-    parts = urlparse(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ToolError(f"visit only opens http(s) URLs, got {url[:100]!r}")
-    if allow_private:
-        return
+    """Validate a URL from model output and resolve its host once -> Target.
+
+    Refused: anything but http(s); backslashes, whitespace and control characters; user info
+    (`user@host`); a host or port that Python's and urllib3's URL parsers read differently; and,
+    unless allow_private, hosts resolving to loopback, private, link-local or other non-public
+    addresses."""
+    from urllib3.util import parse_url
+    if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+        raise ToolError(f"visit only opens http(s) URLs, got {str(url)[:100]!r}")
+    if "\\" in url or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
+        raise ToolError(f"visit refuses {url[:100]!r}: backslashes, spaces and control characters are not allowed in a URL")
     try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 80, proto=socket.IPPROTO_TCP)
+        parts, theirs = urlparse(url), parse_url(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:
+        raise ToolError(f"visit refuses {url[:100]!r}: {e}") from None
+    if not parts.hostname or "@" in parts.netloc or theirs.auth:
+        raise ToolError(f"visit refuses {url[:100]!r}: no host, or user info before the host")
+    try:
+        host = parts.hostname.encode("idna").decode("ascii").lower()   # encoded once, used for DNS, Host and TLS
+    except UnicodeError:
+        raise ToolError(f"visit refuses {url[:100]!r}: the host name is not valid") from None
+    if (theirs.host or "").strip("[]").lower() != host or (theirs.port or port) != port:
+        raise ToolError(f"visit refuses {url[:100]!r}: its host is ambiguous")
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError):
         raise ToolError(f"cannot resolve host {parts.hostname!r}") from None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not ip.is_global:
-            raise ToolError(f"visit refuses {parts.hostname} ({ip}): not a public address")
+    ips = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    bad = [ip for ip in ips if not ip.is_global]
+    if bad and not allow_private:
+        raise ToolError(f"visit refuses {parts.hostname} ({bad[0]}): not a public address")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return Target(parts.scheme, host, port, path, str(ips[0]))
 
 
 class WebPages:
-    """Fetches pages over HTTP: timeout, size cap, content-type check, redirects re-checked."""
-    name = "web"
+    """Fetches pages over HTTP: every hop checked and pinned to the checked address (redirects
+    too), a wall-clock deadline on the whole response, a size cap, a content-type check.
+    `allow_private` changes what may be fetched, so it is part of the name the cache keys on."""
     TYPES = ("text/html", "text/plain", "application/xhtml+xml")
 
     def __init__(self, timeout=15.0, max_bytes=2_000_000, allow_private=False, max_redirects=5):
         self.timeout, self.max_bytes = timeout, max_bytes
         self.allow_private, self.max_redirects = allow_private, max_redirects
+        self.name = "web+private" if allow_private else "web"
+
+    def _open(self, target, deadline):
+        """GET target.path from target.ip, as target.host: (urllib3 response, pool)."""
+        import certifi
+        import urllib3
+        left = max(0.1, deadline - time.monotonic())
+        kw = dict(timeout=urllib3.Timeout(connect=min(left, self.timeout), read=min(left, self.timeout)),
+                  retries=False, maxsize=1)
+        if target.scheme == "https":
+            pool = urllib3.HTTPSConnectionPool(target.ip, target.port, server_hostname=target.host,
+                                               assert_hostname=target.host, cert_reqs="CERT_REQUIRED",
+                                               ca_certs=certifi.where(), **kw)
+        else:
+            pool = urllib3.HTTPConnectionPool(target.ip, target.port, **kw)
+        default = {"http": 80, "https": 443}[target.scheme]
+        headers = {"Host": target.host if target.port == default else f"{target.host}:{target.port}",
+                   "User-Agent": "mmsearch-r1/0.1 (research agent)"}
+        return pool.urlopen("GET", target.path, headers=headers, redirect=False, preload_content=False,
+                            assert_same_host=False, retries=False), pool
 
     def fetch(self, url):
+        import urllib3
+        deadline = time.monotonic() + self.timeout
         for _ in range(self.max_redirects + 1):
-            check_public_url(url, self.allow_private)
+            target = check_public_url(url, self.allow_private)
             try:
-                r = requests.get(url, timeout=self.timeout, stream=True, allow_redirects=False,
-                                 headers={"User-Agent": "mmsearch-r1/0.1 (research agent)"})
-            except requests.Timeout:
+                r, pool = self._open(target, deadline)
+            except urllib3.exceptions.TimeoutError:
                 raise ToolError(f"{url} did not answer within {self.timeout:g}s") from None
-            except requests.RequestException as e:
+            except urllib3.exceptions.HTTPError as e:
                 raise ToolError(f"could not fetch {url} ({type(e).__name__})") from None
-            with r:
-                if r.is_redirect and "location" in r.headers:
+            try:
+                if r.status in (301, 302, 303, 307, 308) and r.headers.get("location"):
                     url = urljoin(url, r.headers["location"])
                     continue
-                if r.status_code >= 400:
-                    raise ToolError(f"{url} answered HTTP {r.status_code}")
+                if r.status >= 400:
+                    raise ToolError(f"{url} answered HTTP {r.status}")
                 ctype = r.headers.get("content-type", "text/html").split(";")[0].strip().lower()
                 if ctype not in self.TYPES:
                     raise ToolError(f"{url} is {ctype}, not a web page")
-                body = b""
-                for chunk in r.iter_content(65536):
-                    body += chunk
-                    if len(body) >= self.max_bytes:
+                body = bytearray()
+                while len(body) < self.max_bytes:
+                    chunk = r.read1(65536)
+                    if not chunk:
                         break
-                text = body[:self.max_bytes].decode(r.encoding or "utf-8", errors="replace")
+                    body += chunk
+                    if time.monotonic() > deadline:
+                        raise ToolError(f"{url} did not finish sending within {self.timeout:g}s")
+            except urllib3.exceptions.HTTPError as e:
+                raise ToolError(f"{url}: the connection failed while reading ({type(e).__name__}); "
+                                f"gave up within {self.timeout:g}s") from None
+            finally:
+                r.release_conn()
+                pool.close()
+            charset = re.search(r"charset=([\w-]+)", r.headers.get("content-type", ""))
+            try:
+                text = bytes(body[:self.max_bytes]).decode(charset.group(1) if charset else "utf-8", errors="replace")
+            except LookupError:   # an unknown charset name
+                text = bytes(body[:self.max_bytes]).decode("utf-8", errors="replace")
             return html_to_text(text) if ctype != "text/plain" else ("", text)
         raise ToolError(f"{url}: more than {self.max_redirects} redirects")
 
@@ -798,6 +882,7 @@ class Toolbox:
                 text, image = fut.result(timeout=max(0.0, deadline - time.monotonic()))
                 ok, err = True, None
             except FutureTimeout:
+                fut.cancel()   # a call still queued never starts; a running one ends at its own deadline
                 ok, err = False, f"timed out after {self.call_timeout:g}s"
             except ToolError as e:
                 ok, err = False, str(e)

@@ -1,6 +1,7 @@
 """tools.py: parsing, crop, local and HTTP search (against a loopback server), visit, cache, Toolbox."""
 import json
 import math
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -337,18 +338,121 @@ def test_visit_rechecks_redirects(server, monkeypatch):
     """Every redirect target is checked again: a public page may not bounce the agent inward."""
     server.plan["/start"] = [(302, "", "text/html", 0, {"Location": "/target"})]
     server.plan["/target"] = [(200, PAGE, "text/html", 0)]
-    checked = []
+    checked, real = [], tools.check_public_url
 
     def check(url, allow_private=False):   # treat /start as public and /target as private
         checked.append(url)
         if url.endswith("/target"):
             raise ToolError("visit refuses 127.0.0.1: not a public address")
+        return real(url, allow_private=True)
     monkeypatch.setattr(tools, "check_public_url", check)
     with pytest.raises(ToolError, match="not a public address"):
         WebPages().fetch(server.url + "/start")
     assert checked == [server.url + "/start", server.url + "/target"]
     monkeypatch.undo()
     assert WebPages(allow_private=True).fetch(server.url + "/start")[0] == "Eiffel Tower"
+
+
+# ---------------------------------------------------------------------------------------------- hostile URLs and servers
+
+def test_ssrf_disguises_are_refused_before_any_connection(server):
+    server.plan["/"] = [(200, PAGE, "text/html", 0)]
+    port = server.httpd.server_port
+    disguises = [f"http://127.0.0.1:{port}\\@example.com/", f"http://example.com\\@127.0.0.1:{port}/",
+                 f"http://user@127.0.0.1:{port}/", f"http://example.com@127.0.0.1:{port}/",
+                 f"http://127.0.0.1:{port}/\x00", f"http://127.0.0.1:{port} /", f"http://[::1]:{port}/",
+                 "http://169.254.169.254/latest/meta-data", "http://0x7f.0.0.1/", "http://2130706433/",
+                 f"http://localhost:{port}/", "http://[::ffff:127.0.0.1]/", f"http://127.0.0.1:{port}:80/"]
+    for url in disguises:
+        with pytest.raises(ToolError):
+            WebPages(timeout=2).fetch(url)
+    assert server.requests == []      # none of them reached the loopback server
+
+
+def test_dns_is_resolved_once_and_the_connection_pinned(server, monkeypatch):
+    """DNS rebinding: a second lookup of the name would answer another address; the connection goes
+    to the address that was checked, with the name as Host header, and the name is looked up once."""
+    server.plan["/p"] = [(200, PAGE, "text/html", 0)]
+    real, lookups = socket.getaddrinfo, []
+
+    def rebinding(host, port, *a, **kw):
+        if host == "rebind.example":
+            lookups.append(host)
+            ip = "127.0.0.1" if len(lookups) == 1 else "10.255.255.1"
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port))]
+        return real(host, port, *a, **kw)
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    port = server.httpd.server_port
+    title, _ = WebPages(timeout=3, allow_private=True).fetch(f"http://rebind.example:{port}/p")
+    assert title == "Eiffel Tower" and lookups == ["rebind.example"]
+    assert server.requests[-1]["headers"]["Host"] == f"rebind.example:{port}"
+
+
+def test_idna_hosts_are_encoded_once():
+    with pytest.raises(ToolError, match="not a public address|cannot resolve"):
+        tools.check_public_url("http://bücher.localhost/")
+
+
+def test_api_keys_never_follow_redirects(server):
+    other = Server()
+    try:
+        other.ok("/search", {"organic": ORGANIC})
+        server.plan["/search"] = [(307, "", "text/plain", 0, {"Location": other.url + "/search"})]
+        with pytest.raises(ToolError, match="redirect"):
+            SerperSearch(server.url, api_key="SECRET", http=FAST).search("q", 3)
+        assert other.requests == []
+    finally:
+        other.httpd.shutdown()
+
+
+def test_api_bodies_are_capped(server):
+    server.ok("/search", {"organic": ORGANIC * 2000})
+    with pytest.raises(ToolError, match="more than 1000 bytes"):
+        SerperSearch(server.url, api_key="K", http=HttpSettings(timeout=2, retries=0, max_bytes=1000)).search("q", 3)
+
+
+def test_visit_has_a_deadline_on_the_whole_response():
+    """A server that drips one byte every 0.2 s: visit gives up at its deadline, not after the whole page."""
+    import socketserver
+
+    class Drip(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.recv(4096)
+            self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 100\r\n\r\n")
+            try:
+                for _ in range(100):
+                    self.request.sendall(b"x")
+                    time.sleep(0.2)
+            except OSError:
+                pass
+    srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Drip)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ToolError, match="within 1s"):
+            WebPages(timeout=1, allow_private=True).fetch(f"http://127.0.0.1:{srv.server_address[1]}/")
+        assert time.monotonic() - t0 < 3.5
+    finally:
+        srv.shutdown()
+
+
+def test_private_pages_do_not_share_cache_keys():
+    assert WebPages().name != WebPages(allow_private=True).name
+    assert Cache.key(WebPages().name, "visit", {"url": "u"}) != Cache.key(WebPages(allow_private=True).name, "visit", {"url": "u"})
+
+
+def test_local_backends_are_keyed_by_their_data(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = LocalTextSearch(write_jsonl(tmp_path / "a" / "corpus.jsonl", CORPUS))
+    b = LocalTextSearch(write_jsonl(tmp_path / "b" / "corpus.jsonl", CORPUS[:1]))
+    assert a.name != b.name and a.name.startswith("local:")
+
+
+def test_utf8_page_without_charset_is_utf8(server):
+    server.plan["/u"] = [(200, "<html><title>Café São Paulo</title><p>Ünïcode.</p></html>", "text/html", 0)]
+    assert WebPages(allow_private=True).fetch(server.url + "/u")[0] == "Café São Paulo"
 
 
 # ---------------------------------------------------------------------------------------------- cache
