@@ -7,7 +7,7 @@
     # a real model and engine, judged by an LLM, 4 samples each (avg@4, pass@4)
     SERPER_API_KEY=... python eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --data infoseek.jsonl \
         --backend serper --image-host-dir /srv/www/q --image-host-url https://example.org/q \
-        --metric judge --judge-url http://localhost:8000/v1 --judge-model Qwen2.5-72B-Instruct --n 4
+        --metric judge --judge-url http://localhost:8000/v1 --judge-model Qwen2.5-72B-Instruct --n 4 --temperature 0.7
 
 Writes to --out: results.jsonl (one line per example, flushed as it goes), summary.json, images/
 (crops the agent made), and prints a markdown table. --resume skips the ids already in
@@ -38,50 +38,114 @@ def first(record, keys):
 
 
 def load_tasks(path):
-    """Benchmark records -> our task dicts {id, question, answers, image, _root} (extra keys kept)."""
+    """Benchmark records -> our task dicts {id, question, answers, image, _root} (extra keys kept).
+    A record that can't be used (bad JSON, not an object, no question, a question that is not
+    text, a repeated id) becomes {id, question, answers, error}: an error line in the results,
+    and the run goes on. Line numbers are the file's own."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise SystemExit(f"eval: no data file at {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        records = json.loads(text) if text.lstrip().startswith("[") else \
-            [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"eval: {path} is not JSONL (or a JSON list): {e}")
-    tasks = []
-    for n, r in enumerate(records):
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if text.lstrip().startswith("["):
+        try:
+            records = [(n, r) for n, r in enumerate(json.loads(text), start=1)]
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"eval: {path} is not a valid JSON list: {e}") from None
+        where = "record"
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    records.append((n, ValueError(f"not valid JSON ({e.msg})")))
+        where = "line"
+    tasks, seen = [], set()
+
+    def bad(n, r, problem):
+        rid = first(r, ID_KEYS) if isinstance(r, dict) else None
+        return {"id": f"{where}{n}" if rid is None or str(rid) in seen else str(rid), "question": "", "answers": [],
+                "error": f"{path.name} {where} {n}: {problem}"}
+    for n, r in records:
+        if isinstance(r, ValueError) or not isinstance(r, dict):
+            tasks.append(bad(n, {}, r if isinstance(r, ValueError) else f"a record must be a JSON object, got {type(r).__name__}"))
+            continue
         question = first(r, QUESTION_KEYS)
-        if question is None:
-            raise SystemExit(f"eval: record {n} of {path} has no question (keys tried: {', '.join(QUESTION_KEYS)})")
+        rid = str(first(r, ID_KEYS) if first(r, ID_KEYS) is not None else n)
+        if not isinstance(question, str):
+            problem = "no question" if question is None else f"the question is a {type(question).__name__}, not text"
+            tasks.append(bad(n, r, f"{problem} (keys tried: {', '.join(QUESTION_KEYS)})"))
+            continue
+        if rid in seen:
+            tasks.append(bad(n, r, f"repeats the id {rid!r} of an earlier record"))
+            continue
+        seen.add(rid)
         answers = first(r, ANSWER_KEYS)
         answers = [] if answers is None else [answers] if isinstance(answers, (str, int, float)) else answers
-        images = first(r, IMAGE_KEYS)
         task = {k: v for k, v in r.items() if k not in ID_KEYS + QUESTION_KEYS + ANSWER_KEYS + IMAGE_KEYS}
-        task.update(id=str(first(r, ID_KEYS) if first(r, ID_KEYS) is not None else n), question=question,
-                    answers=[str(a) for a in answers], image=images, _root=str(path.parent))
+        task.update(id=rid, question=question, answers=[str(a) for a in answers], image=first(r, IMAGE_KEYS),
+                    _root=str(path.parent))
         tasks.append(task)
     return tasks
 
 
 def read_results(path):
-    """Finished lines of results.jsonl; a last line cut short by a kill is dropped from the file."""
+    """Finished lines of results.jsonl. Every valid line is kept, whatever is around it; a corrupt
+    line (or one cut short by a kill) is reported and dropped, and the file is rewritten with the
+    valid lines only, so that what is missing is redone."""
     if not path.exists():
         return []
-    good, raw = [], path.read_bytes()
-    end = 0
-    for line in raw.splitlines(keepends=True):
+    good, bad, raw = [], [], path.read_bytes()
+    for n, line in enumerate(raw.splitlines(keepends=True), start=1):
         try:
-            good.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        if not line.endswith(b"\n"):
-            good.pop()
-            break
-        end += len(line)
-    if end != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(end)
+            row = json.loads(line)
+            if not isinstance(row, dict) or "id" not in row or not line.endswith(b"\n"):
+                raise ValueError
+            good.append(row)
+        except ValueError:
+            bad.append(n)
+    if bad:
+        print(f"eval: {path}: dropped {len(bad)} unreadable line(s) ({', '.join(map(str, bad[:10]))}); they are redone")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good), encoding="utf-8")
+        tmp.replace(path)
     return good
+
+
+RUN_SETTINGS = ("model", "data", "n", "temperature", "top_p", "top_k", "max_turns", "max_new_tokens", "max_context", "max_images", "no_tools",
+                "backend", "corpus", "image_index", "k", "metric", "judge_model", "seed", "limit", "min_pixels",
+                "max_pixels", "crop_max_pixels", "allow_private_urls")
+
+
+def check_args(args):
+    """Wrong flags get one line saying what is wrong and what to do, before any work."""
+    import torch
+    out, html = Path(args.out), Path(args.html) if args.html else None
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"eval: --out {out} is a file; give a folder")
+    if html is not None:
+        if html.is_dir():
+            raise SystemExit(f"eval: --html {html} is a folder; give a file name like {html / 'report.html'}")
+        parent = next((p for p in [html.parent, *html.parent.parents] if p.exists()), Path("."))
+        if not os.access(parent, os.W_OK):
+            raise SystemExit(f"eval: --html {html}: cannot write under {parent}")
+    if args.dtype and args.dtype not in ("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"):
+        raise SystemExit(f"eval: --dtype {args.dtype!r}: use bf16, fp16 or fp32")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("eval: --device cuda, but this torch has no CUDA device; use --device cpu")
+    if args.device and args.device not in ("cpu", "mps") and not args.device.startswith("cuda"):
+        raise SystemExit(f"eval: --device {args.device!r}: use cuda, mps or cpu")
+    local = Path(args.model)
+    if (local.is_absolute() or args.model.startswith(".") or args.model.count("/") != 1) and not local.exists():
+        raise SystemExit(f"eval: --model {args.model}: no such folder (a local model folder, or a hub id like Qwen/Qwen2.5-VL-3B-Instruct)")
+    if args.metric == "judge":
+        try:
+            core.JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key)
+        except ValueError as e:
+            raise SystemExit(f"eval: --metric judge: {e}") from None
+    if args.n < 1 or args.batch < 1 or args.max_turns < 1:
+        raise SystemExit("eval: --n, --batch and --max-turns must be at least 1")
 
 
 def sampling_settings(args, policy):
@@ -115,6 +179,7 @@ def main(argv=None):
     ap.add_argument("--out", default="runs/eval", help="folder for results.jsonl, summary.json, images/")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
     ap.add_argument("--resume", action="store_true", help="skip examples already in results.jsonl")
+    ap.add_argument("--force", action="store_true", help="with --resume: continue even if the settings changed")
     ap.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     ap.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: bf16 on a GPU, else fp32)")
     # agent
@@ -143,6 +208,7 @@ def main(argv=None):
     ap.add_argument("--judge-key", default="", help="judge API key (or $JUDGE_API_KEY)")
     ap.add_argument("--html", default=None, help="write a self-contained HTML report here")
     args = ap.parse_args(argv)
+    check_args(args)
 
     tasks = load_tasks(args.data)[:args.limit]
     out = Path(args.out)
@@ -150,6 +216,16 @@ def main(argv=None):
     results_path = out / "results.jsonl"
     if results_path.exists() and not args.resume:
         raise SystemExit(f"eval: {results_path} exists; pass --resume to continue it or choose another --out")
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    settings_path = out / "settings.json"
+    if args.resume and settings_path.exists() and not args.force:
+        before = json.loads(settings_path.read_text())
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            raise SystemExit("eval: --resume with other settings than the run in " + str(out) + ": " +
+                             "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in changed.items())
+                             + ". Use the same flags, another --out, or --force to mix them anyway.")
+    settings_path.write_text(json.dumps(settings, indent=2))
     done = read_results(results_path)
     done_ids = {r["id"] for r in done}
     todo = [t for t in tasks if t["id"] not in done_ids]
@@ -157,6 +233,9 @@ def main(argv=None):
     policy = core.load_policy(args.model, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels,
                               max_pixels=args.max_pixels, crop_max_pixels=args.crop_max_pixels)
     sampling = sampling_settings(args, policy)
+    if args.n > 1 and sampling["temperature"] == 0:
+        raise SystemExit(f"eval: --n {args.n} at temperature 0 gives {args.n} identical samples (pass@n == avg@n); "
+                         "pass --temperature, e.g. 0.7")
     toolbox = tools.Toolbox(cache=tools.cache_from_args(args)) if args.no_tools else \
         tools.toolbox_from_args(args, policy.crop_convention, policy.shown_size)
     print(f"eval: {len(tasks)} examples, {len(done_ids & {t['id'] for t in tasks})} already done, {len(todo)} to run")
@@ -165,6 +244,9 @@ def main(argv=None):
         for start in range(0, len(todo), args.batch):
             chunk = []
             for task in todo[start:start + args.batch]:
+                if "error" in task:   # a record that could not be read
+                    f.write(json.dumps(task, ensure_ascii=False) + "\n")
+                    continue
                 try:   # load images up front: a broken example is an error line, not a crash
                     task = dict(task, image=core.task_images(task))
                     chunk.append(task)
@@ -187,6 +269,7 @@ def main(argv=None):
     results = [r for r in read_results(results_path) if r["id"] in {t["id"] for t in tasks}]
     summary = core.summarize(results)
     summary["sampling"] = sampling
+    summary["settings"] = settings
     summary["image budgets (pixels)"] = {"min": policy.min_pixels, "question": policy.max_pixels,
                                          "crop": policy.crop_max_pixels}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

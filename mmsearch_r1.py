@@ -503,14 +503,19 @@ def new_trajectory(policy, task, system=None):
     return traj
 
 
+MAX_IMAGE_PIXELS = 50_000_000   # a larger image is refused (decompression bombs), before it is decoded
+
+
 def load_image(path):
     """Open an image file as RGB, with an error that names the file when it can't be read."""
     try:
         with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{im.width}x{im.height} is larger than {MAX_IMAGE_PIXELS} pixels")
             image = im.convert("RGB")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {str(path)!r}: {e}. Check that the file exists and is a "
-                         "valid PNG/JPEG.") from None
+                         "valid PNG/JPEG of a sensible size.") from None
     image.info["path"] = str(Path(path).resolve())
     return image
 

@@ -215,3 +215,89 @@ def test_unscorable_reward_is_none_not_zero(fake_judge):
     ep = core.JudgeEndpoint(fake_judge.url, "m", retries=0)
     value, parts = core.reward(traj, {"question": "q", "answers": ["Paris"]}, metric="judge", endpoint=ep)
     assert value is None and parts["correct"] is None and parts["answer"] == "Paris"
+
+
+# ---------------------------------------------------------------------------------------------- hostile files and careless flags
+
+def test_corrupt_middle_line_keeps_every_valid_line(world, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    ev.main(args(world, tiny_dir, out))
+    lines = (out / "results.jsonl").read_text().splitlines()
+    first_q0 = json.loads(lines[0])
+    lines[1] = lines[1][:40] + "#garbage"                          # q1 corrupted in the middle
+    (out / "results.jsonl").write_text("\n".join(lines) + "\n")
+    ev.main(args(world, tiny_dir, out, "--resume"))
+    assert "dropped 1 unreadable line(s) (2)" in capsys.readouterr().out
+    again = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["id"] for r in again) == ["q0", "q1", "q2", "q3"] and again[0] == first_q0
+
+
+def test_resume_with_other_settings_refuses(world, tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    ev.main(args(world, tiny_dir, out, "--limit", "2"))
+    with pytest.raises(SystemExit, match=r"--max-turns was 2, now 3.*--force"):
+        ev.main(args(world, tiny_dir, out, "--limit", "2", "--resume", "--max-turns", "3"))
+    ev.main(args(world, tiny_dir, out, "--limit", "2", "--resume", "--max-turns", "3", "--force"))
+    assert json.loads((out / "summary.json").read_text())["settings"]["max_turns"] == 3
+
+
+def huge_png(path, width=20000, height=20000):
+    """A PNG whose header claims width x height (a decompression bomb), without the memory."""
+    import struct
+    import zlib
+    Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[12:29]                                           # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    path.write_bytes(bytes(data))
+
+
+def test_bad_data_lines_and_bombs_become_error_lines(world, tiny_dir, tmp_path):
+    huge_png(tmp_path / "bomb.png")
+    good = json.loads((world / "tasks.jsonl").read_text().splitlines()[0])
+    good["image"] = str(world / good["image"])
+    rows = [json.dumps(good), "[1, 2]", "{not json", json.dumps({"id": "q", "question": ["a", "list"]}),
+            json.dumps(good), json.dumps({"id": "bomb", "question": "Q?", "image": str(tmp_path / "bomb.png")})]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    ev.main(args(world, tiny_dir, out) + ["--data", str(data)])
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    errors = {r["id"]: r["error"] for r in lines if "error" in r}
+    assert len(lines) == 6 and len(errors) == 5
+    text = " | ".join(errors.values())
+    for piece in ("line 2: a record must be a JSON object", "line 3: not valid JSON", "line 4: the question is a list",
+                  "line 5: repeats the id 'q0'", "cannot read image", "bomb.png"):
+        assert piece in text, piece
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "/no/such/model"], "no such folder"),
+    (["--metric", "judge"], "--metric judge: judge endpoint: set --judge-url"),
+    (["--dtype", "banana"], "--dtype 'banana'"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--n", "4"], "--n 4 at temperature 0"),
+])
+def test_bad_flags_say_what_to_do(world, tiny_dir, tmp_path, extra, message, monkeypatch):
+    monkeypatch.delenv("JUDGE_BASE_URL", raising=False)
+    monkeypatch.delenv("JUDGE_MODEL", raising=False)
+    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+        ev.main(args(world, tiny_dir, tmp_path / "run") + extra)
+
+
+def test_out_and_html_paths_are_checked_first(world, tiny_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file"):
+        ev.main(args(world, tiny_dir, tmp_path / "file"))
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        if not __import__("os").access(tmp_path / "ro", __import__("os").W_OK):   # root can write anyway
+            with pytest.raises(SystemExit, match="cannot write"):
+                ev.main(args(world, tiny_dir, tmp_path / "run") + ["--html", str(tmp_path / "ro" / "r.html")])
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    with pytest.raises(SystemExit, match="is a folder"):
+        ev.main(args(world, tiny_dir, tmp_path / "run") + ["--html", str(tmp_path)])
