@@ -190,11 +190,16 @@ def crop(image, bbox, convention, shown_size=None, settings=CropSettings()):
     order; the box is clamped to the image. Raises ToolError for a box that can't be used."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
         raise ToolError(f"bbox must be [x1, y1, x2, y2], got {json.dumps(bbox, default=str)}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox):
-        raise ToolError(f"bbox must hold 4 finite numbers, got {json.dumps(bbox, default=str)}")
+    def finite(v):
+        try:   # an int like 10**400 has no float: math.isfinite would raise OverflowError
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        except OverflowError:
+            return False
+    if not all(finite(v) for v in bbox):
+        raise ToolError(f"bbox must hold 4 finite numbers, got {json.dumps(bbox, default=str)[:200]}")
     W, H = image.size
     sw, sh = {"abs": shown_size or (W, H), "rel1000": (1000, 1000), "rel": (1, 1)}[convention]
-    x1, y1, x2, y2 = bbox
+    x1, y1, x2, y2 = (float(v) for v in bbox)
     x1, x2 = sorted((x1 * W / sw, x2 * W / sw))
     y1, y2 = sorted((y1 * H / sh, y2 * H / sh))
     x1, x2 = max(0, min(W, x1)), max(0, min(W, x2))
@@ -451,12 +456,20 @@ class _HttpSearch:
             items = self._image(url, k)
         if not isinstance(items, list):
             raise ToolError(f"{self.name} returned an unexpected response shape")
+        items = [it for it in items if isinstance(it, dict)]
         out = []
         for it in items[:k]:
             if isinstance(it, dict):
                 out.append({"title": str(it.get("title", "")), "url": str(it.get("link") or it.get("url") or ""),
                             "snippet": str(it.get("snippet") or it.get("content") or it.get("source") or "")})
         return out
+
+
+def field(answer, key):
+    """answer[key] of a JSON API answer, [] when absent; an answer that is not an object is an error."""
+    if not isinstance(answer, dict):
+        raise ToolError(f"the search API returned {type(answer).__name__} where a JSON object was expected")
+    return answer.get(key) or []
 
 
 class SerperSearch(_HttpSearch):
@@ -468,10 +481,10 @@ class SerperSearch(_HttpSearch):
         return http_json("POST", self.base_url + path, self.name, self.http, json=body, headers=headers)
 
     def _text(self, query, k):
-        return self._post("/search", {"q": query, "num": k}).get("organic", [])
+        return field(self._post("/search", {"q": query, "num": k}), "organic")
 
     def _image(self, url, k):
-        return self._post("/lens", {"url": url}).get("organic", [])
+        return field(self._post("/lens", {"url": url}), "organic")
 
 
 class SerpAPISearch(_HttpSearch):
@@ -483,10 +496,10 @@ class SerpAPISearch(_HttpSearch):
         return http_json("GET", self.base_url + "/search.json", self.name, self.http, params=params)
 
     def _text(self, query, k):
-        return self._get({"engine": "google", "q": query, "num": k}).get("organic_results", [])
+        return field(self._get({"engine": "google", "q": query, "num": k}), "organic_results")
 
     def _image(self, url, k):
-        return self._get({"engine": "google_lens", "url": url}).get("visual_matches", [])
+        return field(self._get({"engine": "google_lens", "url": url}), "visual_matches")
 
 
 class SearxngSearch(_HttpSearch):
@@ -502,8 +515,8 @@ class SearxngSearch(_HttpSearch):
             raise ToolError("searxng search is not configured: set SEARXNG_URL or pass base_url")
 
     def _text(self, query, k):
-        return http_json("GET", self.base_url + "/search", self.name, self.http,
-                         params={"q": query, "format": "json"}).get("results", [])
+        return field(http_json("GET", self.base_url + "/search", self.name, self.http,
+                               params={"q": query, "format": "json"}), "results")
 
     def _image_url(self, image):
         raise ToolError("searxng has no reverse image search; use text_search, or the serper/serpapi backend")
@@ -556,6 +569,9 @@ class _TextExtractor(html.parser.HTMLParser):
 def html_to_text(page):
     """(title, text) of an HTML page; paragraphs separated by blank lines."""
     parser = _TextExtractor()
+    # a "<" that does not open a tag closed before the next "<" is text: escaping it keeps
+    # html.parser linear (it rescans from every "<" of an unclosed run like "<a<a<a...")
+    page = re.sub(r"<(?=[^<>]*(?:<|$))", "&lt;", page)
     parser.feed(page)
     parser.close()
     parser._flush()

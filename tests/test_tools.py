@@ -559,3 +559,41 @@ def test_toolbox_abs_crop_uses_shown_size():
     box = Toolbox(shown_size=lambda im: (im.width // 2, im.height // 2), crop_settings=CropSettings(upscale_to=1))
     obs = box.run([{"name": "crop", "arguments": {"image": 0, "bbox_2d": [0, 0, 50, 25]}}], [grid_image()])
     assert obs.images[0].size == (100, 50)
+
+
+@pytest.mark.parametrize("page", ["<a" * 100_000, "<!--" * 50_000, "<!" * 100_000, "</" * 100_000,
+                                  "<a " + 'x="' * 60_000, "<b>" * 30_000 + "t" + "</b>" * 30_000])
+def test_html_to_text_is_linear_on_pathological_pages(page):
+    t0 = time.monotonic()
+    tools.html_to_text(page)
+    assert time.monotonic() - t0 < 5.0          # 200 KB; the quadratic parser took 30 s on the first one
+
+
+def test_html_keeps_stray_angle_brackets_as_text():
+    assert tools.html_to_text("<title>T</title><p>a < b and c > d</p><p>x<y</p>") == ("T", "a < b and c > d\n\nx<y")
+
+
+@pytest.mark.parametrize("payload", [[1, 2], "just a string", {"organic": {"not": "a list"}},
+                                     {"organic": [1, "x", None, {"title": {"deep": [1]}, "link": 5}]}])
+def test_odd_api_payloads_are_errors_or_work(server, payload):
+    server.ok("/search", payload)
+    try:
+        hits = SerperSearch(server.url, api_key="K", http=FAST).search("q", 3)
+        assert all(isinstance(h["title"], str) and isinstance(h["url"], str) for h in hits)
+    except ToolError as e:
+        assert "unexpected" in str(e) or "JSON" in str(e)
+
+
+def test_deeply_nested_json_is_an_error(server):
+    server.plan["/search"] = [(200, "[" * 100_000 + "]" * 100_000, "application/json", 0)]
+    with pytest.raises(ToolError, match="invalid JSON"):
+        SerperSearch(server.url, api_key="K", http=FAST).search("q", 3)
+
+
+def test_huge_numbers_in_a_bbox_are_an_error_observation():
+    for bbox in ([10 ** 400, 0, 5, 5], [1e400, 0, 5, 5]):
+        with pytest.raises(ToolError, match="4 finite numbers"):
+            crop(grid_image(), bbox, "abs")
+    calls, errors = parse_tool_calls('<tool_call>{"name": "crop", "arguments": {"bbox_2d": [1e400, 0, 5, 5]}}</tool_call>')
+    obs = Toolbox().run(calls, [grid_image()], errors)
+    assert obs.errors == 1 and "finite numbers" in obs.responses[0][0]["text"]
