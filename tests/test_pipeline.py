@@ -1,0 +1,26 @@
+"""The main command end to end on a small world (data/toyworld/run.py --fast): every stage runs,
+the tables and pages are written, and a second run skips what is finished."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_main_command_fast_variant(tmp_path):
+    out = tmp_path / "toy"
+    cmd = [sys.executable, str(ROOT / "data" / "toyworld" / "run.py"), "--fast", "--out", str(out)]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in ("world", "sft", "grpo"):
+        assert f"[{stage}] done" in first.stdout
+    table = (out / "results.md").read_text()
+    for row in ("init (tools)", "sft (no tools)", "grpo (tools)", "acc crop", "acc visual", "acc whole"):
+        assert row in table, row
+    assert "<svg" in (out / "curves.html").read_text() and (out / "eval_grpo" / "report.html").exists()
+    rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows[-1]["dlogp_max"] < 1e-3
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "] done" not in again.stdout          # every stage skipped
+    assert "| grpo (tools) |" in again.stdout
