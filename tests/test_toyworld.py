@@ -1,5 +1,6 @@
-"""The toy world builds, its oracle trajectories solve every task through the real tools, and
-they load back as SFT data token for token."""
+"""The toy world: deterministic for a seed, every question type in every split, and its oracle
+trajectories load back as SFT data that replays to the right answer."""
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -9,18 +10,40 @@ import mmsearch_r1 as core
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_prepare_small_world(tmp_path):
+def prepare_module():
     spec = importlib.util.spec_from_file_location("prepare", ROOT / "data" / "toyworld" / "prepare.py")
     prepare = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(prepare)
-    stats = prepare.main(["--out", str(tmp_path), "--entities", "12", "--tasks", "16"])
-    assert stats == {"train": 12, "test": 4, "search_found": 12, "correct": 12}
-    for name in ("corpus.jsonl", "images.jsonl", "train.jsonl", "test.jsonl", "sft.jsonl", "model/config.json"):
-        assert (tmp_path / name).exists(), name
-    policy = core.load_policy(tmp_path / "model")
-    record = json.loads((tmp_path / "sft.jsonl").read_text().splitlines()[0])
-    assert [m["role"] for m in record["messages"]] == ["system", "user"] + ["assistant", "tool"] * 3 + ["assistant"]
-    assert len(record["images"]) == 2 and record["images"][0] != record["images"][1]
-    traj = core.trajectory_from_record(policy, record)
-    value, parts = core.reward(traj, json.loads((tmp_path / "train.jsonl").read_text().splitlines()[0]))
-    assert parts["correct"] == 1.0 and parts["format"] == 1.0 and value == 1.0
+    return prepare
+
+
+def digest(folder):
+    return hashlib.sha256(b"".join((folder / n).read_bytes() for n in
+                                   ("corpus.jsonl", "images.jsonl", "train.jsonl", "val.jsonl", "test.jsonl"))).hexdigest()
+
+
+def test_prepare_small_world(tmp_path):
+    prepare = prepare_module()
+    flags = ["--entities", "24", "--tasks", "90", "--vocab", "600"]
+    stats = prepare.main(["--out", str(tmp_path / "a"), *flags])
+    assert (stats["train"], stats["val"], stats["test"]) == (68, 4, 18)
+    visual, whole, crop = (stats["oracle"][k] for k in ("visual", "whole", "crop"))
+    assert visual[0] == visual[1] > 0                      # answered from the image
+    assert 0 < whole[0] < whole[1] and 0 < crop[0] < crop[1]  # the top hit is right only sometimes
+    assert stats["sft"] == visual[0] + whole[0] + crop[0]
+    out = tmp_path / "a"
+    for split in ("train", "val", "test"):
+        types = {json.loads(line)["type"] for line in (out / f"{split}.jsonl").read_text().splitlines()}
+        assert types == {"visual", "whole", "crop"}, split
+    # deterministic for a seed
+    prepare.main(["--out", str(tmp_path / "b"), *flags])
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    # every oracle trajectory replays, through the chat format, to the right answer
+    policy = core.load_policy(out / "model")
+    tasks = {t["id"]: t for t in core.load_jsonl(out / "train.jsonl")}
+    for record in core.load_jsonl(out / "sft.jsonl"):
+        assert core.check_trajectory_record(record) is None
+        traj = core.trajectory_from_record(policy, record, out)
+        value, parts = core.reward(traj, tasks[record["id"].rsplit("_", 1)[0]] if record["id"] not in tasks
+                                   else tasks[record["id"]])
+        assert parts["correct"] == 1.0 and parts["format"] == 1.0

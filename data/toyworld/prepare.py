@@ -211,7 +211,8 @@ def main(argv=None):
     n_test, n_val = int(args.tasks * args.test_fraction), int(args.tasks * args.val_fraction)
     tasks = []
     for t in range(args.tasks):
-        kind_of_task = list(mix)[t % len(mix)] if t < len(mix) else rng.choices(list(mix), weights=list(mix.values()))[0]
+        j = t if t < n_test else t - n_test if t < n_test + n_val else t - n_test - n_val   # index in its split
+        kind_of_task = list(mix)[j] if j < len(mix) else rng.choices(list(mix), weights=list(mix.values()))[0]
         pool = (seen + unseen) if t < n_test else seen
         tasks.append(make_task(t, kind_of_task, entities, pool, rng, out))
     test, val, train = tasks[:n_test], tasks[n_test:n_test + n_val], tasks[n_test + n_val:]
