@@ -768,16 +768,34 @@ class Cache:
 
     def __init__(self, path, max_age=None, cache_only=False):
         self.path, self.max_age, self.cache_only = str(path), max_age, cache_only
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self.local = threading.local()
-        db = self._db()
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT, time REAL)")
-        db.commit()
+        p = Path(self.path)
+        if p.is_dir():
+            raise ValueError(f"cache {self.path} is a folder; give a file path like {p / 'tool_cache.sqlite'}")
+        if cache_only and not p.exists():
+            raise ValueError(f"cache_only (replay mode) but there is no cache at {self.path}")
+        # a cache we cannot write (a read-only file or folder) still replays what it holds
+        self.read_only = p.exists() and not os.access(self.path, os.W_OK) or \
+            not p.exists() and not os.access(next(q for q in [p.parent, *p.parent.parents] if q.exists()), os.W_OK)
+        if self.read_only and not p.exists():
+            raise ValueError(f"cannot create the cache {self.path}: its folder is not writable; pass another --cache")
+        try:
+            if not self.read_only:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                db = self._db()
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("CREATE TABLE IF NOT EXISTS results (key TEXT PRIMARY KEY, value TEXT, time REAL)")
+                db.commit()
+            else:
+                self._db().execute("SELECT 1 FROM results LIMIT 1").fetchall()
+        except sqlite3.Error as e:
+            raise ValueError(f"cannot use the cache {self.path} ({e}); is it a tool cache, and not locked "
+                             "by another program? Pass another --cache, or --cache '' for none") from None
 
     def _db(self):
         if getattr(self.local, "db", None) is None:
-            self.local.db = sqlite3.connect(self.path, timeout=30)
+            uri = f"file:{Path(self.path).resolve()}" + ("?mode=ro" if self.read_only else "")
+            self.local.db = sqlite3.connect(uri, uri=True, timeout=30)
         return self.local.db
 
     @staticmethod
@@ -788,15 +806,23 @@ class Cache:
         return h.hexdigest()
 
     def get(self, key):
-        row = self._db().execute("SELECT value, time FROM results WHERE key = ?", (key,)).fetchone()
+        try:
+            row = self._db().execute("SELECT value, time FROM results WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as e:
+            raise ToolError(f"the tool cache could not be read ({e})") from None
         if row is None or (self.max_age is not None and time.time() - row[1] > self.max_age):
             return None
         return json.loads(row[0])
 
     def put(self, key, value):
-        db = self._db()
-        db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", (key, json.dumps(value), time.time()))
-        db.commit()
+        if self.read_only:
+            return
+        try:
+            db = self._db()
+            db.execute("INSERT OR REPLACE INTO results VALUES (?, ?, ?)", (key, json.dumps(value), time.time()))
+            db.commit()
+        except sqlite3.Error:   # a locked or full cache costs a cache entry, never the result
+            pass
 
     def fetch(self, key, compute):
         """The cached value, or compute() stored; in replay mode a miss is a ToolError."""
@@ -957,7 +983,10 @@ def add_tool_arguments(ap):
 
 
 def cache_from_args(args):
-    return Cache(args.cache, max_age=args.cache_max_age, cache_only=args.cache_only) if args.cache else None
+    try:
+        return Cache(args.cache, max_age=args.cache_max_age, cache_only=args.cache_only) if args.cache else None
+    except ValueError as e:
+        raise SystemExit(f"--cache: {e}") from None
 
 
 def toolbox_from_args(args, convention, shown_size):

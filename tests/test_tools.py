@@ -597,3 +597,27 @@ def test_huge_numbers_in_a_bbox_are_an_error_observation():
     calls, errors = parse_tool_calls('<tool_call>{"name": "crop", "arguments": {"bbox_2d": [1e400, 0, 5, 5]}}</tool_call>')
     obs = Toolbox().run(calls, [grid_image()], errors)
     assert obs.errors == 1 and "finite numbers" in obs.responses[0][0]["text"]
+
+
+def test_cache_faults_are_clear_or_work(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="replay mode.*no cache"):
+        Cache(tmp_path / "missing.sqlite", cache_only=True)
+    with pytest.raises(ValueError, match="is a folder"):
+        Cache(tmp_path)
+    (tmp_path / "junk.sqlite").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(ValueError, match="cannot use the cache"):
+        Cache(tmp_path / "junk.sqlite")
+    # a read-only cache replays what it holds, and a new call still gets its result
+    path = tmp_path / "ro.sqlite"
+    cache = Cache(path)
+    key = Cache.key("x", "text_search", {"query": "q"})
+    cache.put(key, ["hit"])
+    cache._db().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    monkeypatch.setattr(tools.os, "access", lambda p, mode: False)   # as if the file were read-only (root can write anyway)
+    ro = Cache(path)
+    assert ro.read_only
+    assert ro.fetch(key, lambda: 1 / 0) == ["hit"]
+    assert ro.fetch(Cache.key("x", "text_search", {"query": "new"}), lambda: ["fresh"]) == ["fresh"]
+    assert Cache(path, cache_only=True).fetch(key, lambda: 1 / 0) == ["hit"]
+    with pytest.raises(ValueError, match="folder is not writable"):
+        Cache(tmp_path / "sub" / "new.sqlite")
