@@ -179,6 +179,21 @@ def make_policy(model, tokenizer, image_processor, device, dtype, min_pixels=Non
                   mask.to(device), min_pixels, max_pixels, crop_max_pixels, sampling)
 
 
+def _hub_reachable(timeout=3.0):
+    """Can we open a connection to the Hugging Face hub (or $HF_ENDPOINT) within `timeout` s?"""
+    import os
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_policy(path, device=None, dtype=None, min_pixels=None, max_pixels=None, crop_max_pixels=None):
     """Load a Qwen2-VL / Qwen2.5-VL / Qwen3-VL policy from a hub id or a local folder.
 
@@ -206,22 +221,25 @@ def load_policy(path, device=None, dtype=None, min_pixels=None, max_pixels=None,
         return policy
     if local.is_dir() and not (local / "config.json").exists():
         raise FileNotFoundError(f"load_policy: {path!r} has no config.json; is it a model folder?")
+    # a hub id with the hub out of reach: use the local cache only, and fail in seconds, not after retries
+    offline = not local.exists() and not _hub_reachable()
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, local_files_only=offline)
     except (OSError, ValueError) as e:   # hub id unknown, no network, unreadable config.json
-        raise FileNotFoundError(f"load_policy: cannot load a model config from {path!r} ({str(e).splitlines()[0]}). "
+        why = "the hub is not reachable and it is not in the local cache" if offline else str(e).splitlines()[0]
+        raise FileNotFoundError(f"load_policy: cannot load a model config from {path!r} ({why}). "
                                 "Check the hub id and your network, or pass a local folder.") from None
     if config.model_type not in CROP_CONVENTION:
         raise ValueError(f"load_policy: model type {config.model_type!r} is not supported; "
                          f"supported: {', '.join(sorted(CROP_CONVENTION))}.")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
     missing = [t for t in REQUIRED_SPECIAL if t not in tokenizer.get_vocab()]
     if missing:
         raise ValueError(f"load_policy: the tokenizer at {path!r} lacks the special tokens {missing}; "
                          "the chat format needs the Qwen-VL ChatML and vision tokens.")
-    image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
+    image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=offline)
     device, dtype = resolve_device(device, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=offline).to(device).eval()
     try:
         return make_policy(model, tokenizer, image_processor, device, dtype, min_pixels, max_pixels, crop_max_pixels)
     except ValueError as e:

@@ -191,3 +191,12 @@ def test_tiny_policy_round_trips_through_save_pretrained(policy, tiny_dir):
         assert n1 == n2 and torch.equal(p1, p2)
     assert policy.model_type == "qwen2_5_vl" and policy.crop_convention == "abs"
     assert 1e5 < sum(p.numel() for p in policy.model.parameters()) < 5e6
+
+
+def test_hub_id_offline_fails_fast(monkeypatch):
+    import time
+    monkeypatch.setattr(core, "_hub_reachable", lambda timeout=3.0: False)
+    t0 = time.monotonic()
+    with pytest.raises(FileNotFoundError, match="hub is not reachable and it is not in the local cache"):
+        core.load_policy("no-such-org/no-such-model")
+    assert time.monotonic() - t0 < 10
