@@ -1691,3 +1691,18 @@ def check_trajectory_record(record):
         except (OSError, ValueError) as e:
             return f"image {p!r} can't be read ({type(e).__name__}: {e})"
     return None
+
+
+def trim_metrics(path, step):
+    """On resume: drop the metrics.jsonl lines a killed run wrote after its last checkpoint `step`."""
+    path = Path(path)
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step] if path.exists() else []
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def save_final(policy, out_dir):
+    """The end of training: `out_dir/final/`, a plain model folder for load_policy (LoRA merged in)."""
+    if lora_modules(policy.model):
+        merge_lora(policy.model)
+    save_weights(policy, Path(out_dir) / "final")
+    return Path(out_dir) / "final"

@@ -352,9 +352,7 @@ def main(argv=None):
     metrics_path = out / "metrics.jsonl"
     if resume_from:
         step = core.load_trainer_state(resume_from, optimizer)["step"]
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= step] \
-            if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        core.trim_metrics(metrics_path, step)
         print(f"train_grpo: resumed from {resume_from} at step {step}")
     (out / "args.json").write_text(json.dumps(vars(args), indent=2))
     print(f"train_grpo: {len(tasks)} tasks, {args.tasks_per_step} x {args.group_size} samples per step, "
@@ -499,12 +497,9 @@ def main(argv=None):
             if step % args.save_every == 0 or step == args.steps:
                 core.save_checkpoint(out, step, policy, optimizer, {"step": step}, vars(args), args.keep_last)
     bar.close()
-    if core.lora_modules(policy.model):
-        core.merge_lora(policy.model)
-    core.save_weights(policy, out / "final")
-    print(f"train_grpo: done, {step} steps; final model in {out / 'final'}")
-    return out / "final"
-
+    final = core.save_final(policy, out)
+    print(f"train_grpo: done, {step} steps; final model in {final}")
+    return final
 
 
 if __name__ == "__main__":
