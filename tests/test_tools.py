@@ -621,3 +621,19 @@ def test_cache_faults_are_clear_or_work(tmp_path, monkeypatch):
     assert Cache(path, cache_only=True).fetch(key, lambda: 1 / 0) == ["hit"]
     with pytest.raises(ValueError, match="folder is not writable"):
         Cache(tmp_path / "sub" / "new.sqlite")
+
+
+def test_calls_still_queued_at_the_timeout_never_run():
+    started = []
+
+    class Slow:
+        name = "slow"
+
+        def search(self, q, k):
+            started.append(q)
+            time.sleep(0.5)
+            return []
+    box = Toolbox(text_search=Slow(), call_timeout=0.2, max_workers=2)
+    obs = box.run([{"name": "text_search", "arguments": {"query": str(i)}} for i in range(8)], [grid_image()])
+    time.sleep(0.8)                                  # long enough for a queued call to have started
+    assert obs.errors == 8 and len(started) == 2     # the 6 queued calls were cancelled
