@@ -39,8 +39,8 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
     ap.add_argument("--grpo-args", default="", help="extra flags for train_grpo.py (ablations), e.g. '--advantage grpo'")
     args = ap.parse_args(argv)
-    args.sft_steps = args.sft_steps or (60 if args.fast else 450)
-    args.grpo_steps = args.grpo_steps or (8 if args.fast else 60)
+    args.sft_steps = args.sft_steps or (60 if args.fast else 1000)
+    args.grpo_steps = args.grpo_steps or (8 if args.fast else 40)
     return args
 
 
@@ -148,7 +148,7 @@ def main(argv=None):
     evaluate("init", world / "model")
     if not (out / "sft" / "final" / "config.json").exists():
         run("sft", [py, ROOT / "train_sft.py", "--model", world / "model", "--data", world / "sft.jsonl",
-                    "--out", out / "sft", "--steps", args.sft_steps, "--lr", "2e-3", "--warmup", "20",
+                    "--out", out / "sft", "--steps", args.sft_steps, "--lr", "3e-3", "--warmup", "20",
                     "--batch-tokens", "8192", "--seed", args.seed, "--save-every", "100", "--keep-last", "1",
                     "--quiet", "--resume"], log)
     evaluate("sft", out / "sft" / "final")
