@@ -136,8 +136,7 @@ def check_args(args):
         raise SystemExit("eval: --device cuda, but this torch has no CUDA device; use --device cpu")
     if args.device and args.device not in ("cpu", "mps") and not args.device.startswith("cuda"):
         raise SystemExit(f"eval: --device {args.device!r}: use cuda, mps or cpu")
-    local = Path(args.model)
-    if (local.is_absolute() or args.model.startswith(".") or args.model.count("/") != 1) and not local.exists():
+    if core.missing_local_model(args.model):
         raise SystemExit(f"eval: --model {args.model}: no such folder (a local model folder, or a hub id like Qwen/Qwen2.5-VL-3B-Instruct)")
     if args.metric == "judge":
         try:

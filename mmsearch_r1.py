@@ -138,11 +138,7 @@ def make_policy(model, tokenizer, image_processor, device, dtype, min_pixels=Non
     from tokenizers import Tokenizer
 
     config = model.config
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in REQUIRED_SPECIAL if t not in vocab]
-    if missing:
-        raise ValueError(f"the tokenizer lacks the special tokens {missing}; the chat format needs the "
-                         "Qwen-VL ChatML and vision tokens.")
+    vocab = tokenizer.get_vocab()   # load_policy has checked it holds REQUIRED_SPECIAL
     names = {"endoftext": "<|endoftext|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>",
              "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>", "image_pad": "<|image_pad|>"}
     ids = {k: vocab.get(tok, vocab["<|im_end|>"]) for k, tok in names.items()}
@@ -179,6 +175,13 @@ def make_policy(model, tokenizer, image_processor, device, dtype, min_pixels=Non
                   mask.to(device), min_pixels, max_pixels, crop_max_pixels, sampling)
 
 
+def missing_local_model(path):
+    """True for a path that can only be a local folder (not an `org/name` hub id) and does not exist."""
+    path = str(path)
+    looks_local = Path(path).is_absolute() or path.startswith(".") or path.count("/") != 1
+    return looks_local and not Path(path).exists()
+
+
 def _hub_reachable(timeout=3.0):
     """Can we open a connection to the Hugging Face hub (or $HF_ENDPOINT) within `timeout` s?"""
     import os
@@ -207,8 +210,7 @@ def load_policy(path, device=None, dtype=None, min_pixels=None, max_pixels=None,
 
     path = str(path)
     local = Path(path)
-    looks_local = local.is_absolute() or path.startswith(".") or path.count("/") != 1
-    if looks_local and not local.exists():
+    if missing_local_model(path):
         raise FileNotFoundError(f"load_policy: no model folder at {path!r}. Pass a local folder "
                                 "with config.json (e.g. from data/toyworld/prepare.py) or a hub id "
                                 "like 'Qwen/Qwen2.5-VL-3B-Instruct'.")

@@ -378,8 +378,8 @@ def main(argv=None):
                 t2, l2, r2 = rollout_and_score(policy, more, toolbox, args, seed, endpoint, toolbox.cache)
                 trajs, lines, rewards, task_list, drawn = trajs + t2, lines + l2, rewards + r2, task_list + more, drawn + len(more)
             if args.dynamic_sampling:   # keep the informative groups first, up to tasks-per-step
-                keep = sorted(range(len(task_list)), key=lambda g: not informative(rewards, G)[g])[:args.tasks_per_step]
-                keep.sort()
+                flags = informative(rewards, G)
+                keep = sorted(sorted(range(len(task_list)), key=lambda g: not flags[g])[:args.tasks_per_step])
                 trajs = [trajs[g * G + s] for g in keep for s in range(G)]
                 lines, task_list = [lines[g] for g in keep], [task_list[g] for g in keep]
                 rewards = [rewards[g * G + s] for g in keep for s in range(G)]

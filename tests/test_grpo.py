@@ -193,10 +193,11 @@ def test_grpo_raises_the_reward(colour_world, tmp_path):
     assert core.load_policy(out / "final").model_type == "qwen2_5_vl"
 
 
-def test_ahpo_and_kl_run(colour_world, tmp_path):
+def test_ahpo_kl_and_dynamic_sampling_run(colour_world, tmp_path):
     out = tmp_path / "ahpo"
     grpo.main(grpo_flags(colour_world, out, 3) + ["--expert-data", str(colour_world / "experts.jsonl"),
-                                                  "--ahpo-threshold", "9", "--beta", "0.1", "--save-every", "1000"])
+                                                  "--ahpo-threshold", "9", "--beta", "0.1", "--save-every", "1000",
+                                                  "--dynamic-sampling"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["ahpo"] == 4 for r in rows)                 # threshold above the group size: every group fires
     assert rows[-1]["kl"] > 0 and all(r["kl"] >= 0 for r in rows)
