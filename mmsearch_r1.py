@@ -23,7 +23,7 @@ Usage:
 """
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -641,26 +641,34 @@ def collate(policy, trajs):
 # log p(y | h) = z_y - logsumexp(z),  z = h @ W.T / T.  The naive way materializes z for all N
 # tokens ([N, V] floats: 2.5 GB at N=4096, V=151936) and autograd keeps several copies. Here the
 # forward walks chunks of tokens, keeping only logsumexp per token; the backward recomputes each
-# chunk's logits and writes the gradient directly:
+# chunk's log-probs and turns them into the gradient in the same buffer:
 #   d logp_i / d z = onehot(y_i) - p_i
 #   d H_i / d z    = -p_i * (log p_i + H_i)            (entropy H_i = lse_i - sum_j p_ij z_ij)
-# and through z = h W^T / T:  dh = dz W / T,  dW = dz^T h / T.
+# so dz = g onehot(y) - q with q = p (g + g_H (log p + H)), and through z = h W^T / T:
+#   dh = (g W[y] - q W) / T,   dW = (onehot(y)^T (g h) - q^T h) / T.
+# Without g_H, q = p g: the g is applied to the small (c, H) side instead of the (c, V) buffer.
 
-LOGIT_BUDGET = 1 << 25   # floats of logits per chunk (128 MB in fp32) when chunk_size is None
-BLOCKED = -1e30          # logit of an id outside vocab_mask: exp() is exactly 0, and 0 * BLOCKED stays finite
+CHUNK_TOKENS = 512   # tokens per chunk: (512, V) fp32 logits, 65 MB at V = 32000; fewer chunks = fewer passes over W
+BLOCKED = -1e30      # logit of an id outside vocab_mask: exp() is exactly 0, and 0 * BLOCKED stays finite
 
 
-def _chunk_logits(h, weight, temperature, out, blocked=None):
-    """(c, H) @ (V, H).T / T -> `out` (c, V), computed in out's dtype (fp32, or fp64 for gradcheck),
-    with the ids in `blocked` (V,) bool set to BLOCKED. Writing into one reused buffer avoids a
-    fresh 100 MB allocation (and its page faults) per chunk."""
-    if h.dtype == out.dtype:
-        torch.mm(h, weight.t(), out=out)
+def _chunk_logits(h, weight, temperature, out, blocked=None, shift=None):
+    """(c, H) @ (V, H).T / T - shift[:, None] -> `out` (c, V), in out's dtype (fp32, or fp64 for
+    gradcheck), with the ids in `blocked` (LongTensor) set to BLOCKED. One reused buffer avoids a
+    fresh allocation (and its page faults) per chunk."""
+    if h.dtype == out.dtype:   # 1/T and the shift ride on the GEMM (addmm's alpha, beta): no extra pass
+        if shift is None:
+            torch.mm(h, weight.t(), out=out) if temperature == 1.0 else \
+                torch.addmm(out, h, weight.t(), beta=0, alpha=1 / temperature, out=out)
+        else:
+            torch.addmm(shift[:, None].neg(), h, weight.t(), alpha=1 / temperature, out=out)
     else:   # bf16/fp16 GEMM, then upcast: the log-softmax itself is always done in fp32
         out.copy_(h @ weight.t())
-    if temperature != 1.0:
-        out.div_(temperature)
-    return out.masked_fill_(blocked, BLOCKED) if blocked is not None else out
+        if temperature != 1.0:
+            out.div_(temperature)
+        if shift is not None:
+            out.sub_(shift[:, None])
+    return out.index_fill_(1, blocked, BLOCKED) if blocked is not None else out
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -671,13 +679,17 @@ class _TokenLogprobs(torch.autograd.Function):
         logp = hidden.new_empty(N, dtype=acc)
         lse = hidden.new_empty(N, dtype=acc)
         ent = hidden.new_empty(N if with_entropy else 0, dtype=acc)
+        # W frozen (LoRA): dh = (g W[y] - g p W) / T needs only p W (N, H), made here from the
+        # probabilities at hand; the backward then needs no pass over the vocabulary at all.
+        frozen_w = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        pw = hidden.new_empty((N, hidden.shape[1]) if frozen_w else (0,), dtype=acc)
         buf = hidden.new_empty((min(chunk_size, N), V), dtype=acc)            # (c, V) logits
         ebuf = torch.empty_like(buf) if with_entropy else None
         for s in range(0, N, chunk_size):
             c = min(chunk_size, N - s)
             z = _chunk_logits(hidden[s:s + c], weight, temperature, buf[:c], blocked)
-            m = z.amax(dim=-1, keepdim=True)                                    # (c, 1) for stability
             target = z.gather(1, targets[s:s + c, None])[:, 0]
+            m = z.amax(dim=-1, keepdim=True)                                    # (c, 1) for stability
             z.sub_(m)                                                           # z' = z - max
             e = torch.exp(z, out=ebuf[:c]) if with_entropy else z.exp_()        # exp(z')
             total = e.sum(-1)
@@ -685,46 +697,45 @@ class _TokenLogprobs(torch.autograd.Function):
             logp[s:s + c] = target - lse[s:s + c]
             if with_entropy:   # H = lse - sum_j p_j z_j = log(total) - sum_j e_j z'_j / total
                 ent[s:s + c] = total.log() - z.mul_(e).sum(-1) / total
-        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+            if frozen_w:       # p W, with p = e / total
+                p = e.div_(total[:, None])
+                pw[s:s + c] = p @ weight if weight.dtype == acc else (p.to(weight.dtype) @ weight).to(acc)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent, pw)
         ctx.blocked = blocked
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
         return (logp, ent) if with_entropy else logp
 
     @staticmethod
     def backward(ctx, g_logp, g_ent=None):
-        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        hidden, weight, targets, lse, ent, pw = ctx.saved_tensors
         T, C = ctx.temperature, ctx.chunk_size
         acc = lse.dtype
         N, V = hidden.shape[0], weight.shape[0]
-        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(acc)
         use_ent = ctx.with_entropy and g_ent is not None
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if len(pw) and not use_ent:   # W frozen: dh = g (W[y] - p W) / T, from the forward's p W
+            g = g_logp[:, None]
+            return ((g * (weight[targets].to(acc) - pw) / T).to(hidden.dtype),) + (None,) * 6
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         buf = hidden.new_empty((min(C, N), V), dtype=acc)
         pbuf = torch.empty_like(buf) if use_ent else None
-        rows = torch.arange(min(C, N), device=hidden.device)
         for s in range(0, N, C):
             c = min(C, N - s)
-            h = hidden[s:s + c]
-            logp_all = _chunk_logits(h, weight, T, buf[:c], ctx.blocked).sub_(lse[s:s + c, None])   # (c, V) log p
-            g = g_logp[s:s + c, None]
-            if use_ent:   # dz = g (onehot - p) - g_H p (log p + H)
+            h, y, g = hidden[s:s + c].to(acc), targets[s:s + c], g_logp[s:s + c, None]
+            logp_all = _chunk_logits(hidden[s:s + c], weight, T, buf[:c], ctx.blocked, shift=lse[s:s + c])
+            if use_ent:   # q = p (g + g_H (log p + H))
                 p = torch.exp(logp_all, out=pbuf[:c])
-                dz = logp_all.add_(ent[s:s + c, None]).mul_(p).mul_(-g_ent[s:s + c, None])
-                dz.sub_(p.mul_(g))
-            else:         # dz = g (onehot - p)
-                dz = logp_all.exp_().mul_(-g)
-            dz[rows[:c], targets[s:s + c]] += g[:, 0]
-            if T != 1.0:
-                dz.div_(T)
+                q, row = logp_all.add_(ent[s:s + c, None]).mul_(g_ent[s:s + c, None].to(acc)).add_(g).mul_(p), 1.0
+            else:         # q = p g, with g applied to (c, H) tensors below: saves a pass over (c, V)
+                q, row = logp_all.exp_(), g
             if need_h:
-                if hidden.dtype == acc:
-                    torch.mm(dz, weight, out=grad_h[s:s + c])
-                else:
-                    grad_h[s:s + c] = dz.to(weight.dtype) @ weight
+                qw = q @ weight if weight.dtype == acc else (q.to(weight.dtype) @ weight).to(acc)
+                grad_h[s:s + c] = ((g * weight[y].to(acc) - row * qw) / T).to(hidden.dtype)
             if need_w:
-                grad_w.addmm_(dz.t(), h.to(acc))
+                grad_w.addmm_(q.t(), row * h, alpha=-1 / T)
+                grad_w.index_add_(0, y, g * h / T)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         return grad_h, grad_w, None, None, None, None, None
 
@@ -735,25 +746,25 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, wi
 
     hidden (N, H), weight (V, H), targets (N,) -> log-probs (N,) in float32 (float64 for float64
     inputs), and the entropy (N,) of each row's distribution when `with_entropy`. Differentiable
-    in hidden and weight (tied embeddings too). chunk_size: tokens per chunk; by default as many
-    as fit LOGIT_BUDGET floats of logits. vocab_mask (V,) bool: the softmax runs over these ids
+    in hidden and weight (tied embeddings too). chunk_size: tokens per chunk (default
+    CHUNK_TOKENS). vocab_mask (V,) bool: the softmax runs over these ids
     only (the policy's sampling distribution, Policy.sample_mask); targets must lie inside it."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: want hidden (N, H) and weight (V, H), got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"token_logprobs: targets {tuple(targets.shape)} must be ({hidden.shape[0]},)")
-    if chunk_size is None:
-        chunk_size = max(1, LOGIT_BUDGET // weight.shape[0])
+    chunk_size = chunk_size or CHUNK_TOKENS
     blocked = None
     if vocab_mask is not None:
         if vocab_mask.shape != weight.shape[:1]:
             raise ValueError(f"token_logprobs: vocab_mask {tuple(vocab_mask.shape)} must be ({weight.shape[0]},)")
-        blocked = ~vocab_mask.to(hidden.device)
-        bad = targets[blocked[targets]]
+        outside = ~vocab_mask.to(hidden.device)
+        bad = targets[outside[targets]]
         if len(bad):
             raise ValueError(f"token_logprobs: target id(s) {sorted(set(bad.tolist()))[:5]} are outside vocab_mask "
                              "(control or vision tokens where the policy writes): check the data's loss mask")
+        blocked = outside.nonzero()[:, 0] if outside.any() else None   # ids, not a mask: index_fill_ touches only them
     return _TokenLogprobs.apply(hidden, weight, targets.long(), float(temperature), int(chunk_size),
                                 bool(with_entropy), blocked)
 
@@ -828,6 +839,8 @@ class Row:
     turn_tokens: list = field(default_factory=list)
     turn_logprobs: list = field(default_factory=list)
     turn_end: str | None = None   # "im_end" | "length" | "repetition" | "max_context" | "forced"
+    index: int = 0                # the task's position in rollout's `tasks`
+    started: float = 0.0          # when the row joined the batch (time.time())
     stats: dict = field(default_factory=lambda: {"generated_tokens": 0, "prefill_tokens": 0,
                                                  "tool_calls": Counter(), "tool_errors": Counter()})
 
@@ -842,14 +855,15 @@ class KVBatch:
         self.mask = torch.zeros((len(rows), T), dtype=torch.long, device=device)
         layers = []
         if T > 0:
-            n_layers = len(rows[0].kv)
-            for layer in range(n_layers):
-                k0, v0 = rows[0].kv[layer]
+            first = next(r for r in rows if r.n_cached)   # rows that just joined have no cache yet
+            for layer in range(len(first.kv)):
+                k0, v0 = first.kv[layer]
                 k = k0.new_zeros((len(rows), k0.shape[1], T, k0.shape[3]))
                 v = v0.new_zeros((len(rows), v0.shape[1], T, v0.shape[3]))
                 for b, r in enumerate(rows):              # left-pad: a row's tokens end at T
-                    k[b, :, T - r.n_cached:] = r.kv[layer][0][0]
-                    v[b, :, T - r.n_cached:] = r.kv[layer][1][0]
+                    if r.n_cached:
+                        k[b, :, T - r.n_cached:] = r.kv[layer][0][0]
+                        v[b, :, T - r.n_cached:] = r.kv[layer][1][0]
                 layers.append((k, v))
         for b, r in enumerate(rows):
             self.mask[b, T - r.n_cached:] = 1
@@ -1021,8 +1035,8 @@ def _end(row, reason):
 
 def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_context=8192, max_images=8,
             temperature=1.0, top_p=1.0, top_k=0, seed=0, max_batch=16, max_tool_failures=3, forced=None,
-            system=None, progress=True):
-    """Sample `n` multi-turn trajectories per task, all rows decoding together.
+            system=None, progress=True, on_task=None):
+    """Sample `n` multi-turn trajectories per task, up to `max_batch` rows decoding together.
 
     tasks: dicts with `image` (path(s) or PIL images), `question`, `id`. toolbox: a tools.Toolbox
     (or anything with `run(calls, images, parse_errors) -> Observation`).
@@ -1033,6 +1047,10 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
     policy.sample_mask (text, the policy's tags, <|im_end|>): never a vision or control token.
     forced: optional callable (task, turn) -> assistant text or None; forced text is scored by
     the model (its log-probs recorded) instead of sampled. For tests and oracle trajectories.
+    on_task: optional callable (task index, its n trajectories), called as soon as a task's rows
+    are all finished (eval.py writes its results line there).
+    Rows join as others finish (continuous batching): a row that answers at turn 1 hands its slot
+    to the next row at once instead of leaving it idle until the slowest row of its batch is done.
     Returns trajectories in task order (n per task), each with finish_reason, tool_calls,
     per-token sampling log-probs and meta["stats"], meta["over_turn"]."""
     from tqdm.auto import tqdm
@@ -1041,49 +1059,59 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
                   top_k=top_k)
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     schemas = getattr(toolbox, "schemas", None)   # the modes this toolbox has are the ones offered
-    rows = [Row(new_trajectory(policy, task, system, schemas), task) for task in tasks for _ in range(n)]
-    left = Counter(i // n for i in range(len(rows)))
+    trajs, left = [None] * (len(tasks) * n), Counter({i: n for i in range(len(tasks))})
     bar = tqdm(total=len(tasks), desc="rollout", unit="task", disable=not progress)
     header = [policy.ids["im_start"]] + policy.encode_text("assistant\n")
-    for start in range(0, len(rows), max_batch):
-        group = rows[start:start + max_batch]
-        t0 = time.time()
-        active = list(group)
-        for r in active:
+
+    def finished(r):
+        r.traj.meta["stats"] = {**r.stats, "tool_calls": dict(r.stats["tool_calls"]),
+                                "tool_errors": dict(r.stats["tool_errors"]), "wall_time": time.time() - r.started}
+        left[r.index] -= 1
+        if left[r.index] == 0:
+            bar.update(1)
+            if on_task:
+                on_task(r.index, trajs[r.index * n:(r.index + 1) * n])
+
+    pending, active = deque(range(len(trajs))), []
+    while pending or active:
+        while pending and len(active) < max_batch:   # fill free slots before every turn
+            j = pending.popleft()   # a row is built when it joins: images are encoded only then
+            r = Row(new_trajectory(policy, tasks[j // n], system, schemas), tasks[j // n], index=j // n,
+                    started=time.time())
+            trajs[j] = r.traj
             if len(r.traj.images) > max_images:
                 _end(r, "max_images")
             elif len(r.traj.input_ids) + len(header) >= max_context:
                 _end(r, "max_context")
-        active = [r for r in active if r.traj.finish_reason is None]
-        turn = 0
-        while active:
-            for r in active:   # the assistant header, then forced text if any
-                r.traj.append(header, 0)
-                r.turn_tokens, r.turn_logprobs, r.turn_end = [], [], None
-                text = forced(r.task, turn) if forced else None
-                if text is not None:
-                    ids = encode_assistant(policy, text) + [policy.ids["im_end"]]
-                    r.traj.append(ids, 1)
-                    r.turn_tokens, r.turn_end = ids, "forced"
-            run_turn(policy, active, limits, generator)
-            turn += 1
-            for r in active:
-                r.traj.turns = turn
-                if r.turn_end in ("im_end", "forced"):
-                    r.traj.append(policy.encode_text("\n"), 0)
-            active = _after_turn(policy, active, toolbox, turn, max_turns, max_images, max_context,
-                                 max_tool_failures, header)
-        dt = time.time() - t0
-        for i, r in enumerate(group, start):
-            r.traj.meta["stats"] = {**r.stats, "tool_calls": dict(r.stats["tool_calls"]),
-                                    "tool_errors": dict(r.stats["tool_errors"]), "wall_time": dt}
-            left[i // n] -= 1
-            bar.update(left[i // n] == 0)
+            else:
+                active.append(r)
+                continue
+            finished(r)
+        if not active:
+            continue
+        for r in active:   # the assistant header, then forced text if any
+            r.traj.append(header, 0)
+            r.turn_tokens, r.turn_logprobs, r.turn_end = [], [], None
+            text = forced(r.task, r.traj.turns) if forced else None
+            if text is not None:
+                ids = encode_assistant(policy, text) + [policy.ids["im_end"]]
+                r.traj.append(ids, 1)
+                r.turn_tokens, r.turn_end = ids, "forced"
+        run_turn(policy, active, limits, generator)
+        for r in active:
+            r.traj.turns += 1
+            if r.turn_end in ("im_end", "forced"):
+                r.traj.append(policy.encode_text("\n"), 0)
+        going = _after_turn(policy, active, toolbox, max_turns, max_images, max_context, max_tool_failures, header)
+        for r in active:
+            if r.traj.finish_reason is not None:
+                finished(r)
+        active = going
     bar.close()
-    return [r.traj for r in rows]
+    return trajs
 
 
-def _after_turn(policy, rows, toolbox, turn, max_turns, max_images, max_context, max_tool_failures, header):
+def _after_turn(policy, rows, toolbox, max_turns, max_images, max_context, max_tool_failures, header):
     """Read each row's turn: finish it, or run its tool calls and append the tool response.
     Every row's calls of this turn run concurrently. Returns the rows that go on."""
     from concurrent.futures import ThreadPoolExecutor
@@ -1102,7 +1130,7 @@ def _after_turn(policy, rows, toolbox, turn, max_turns, max_images, max_context,
             _end(r, "answer")
         elif not calls and not errors:
             _end(r, "no_answer")
-        elif turn >= max_turns:
+        elif r.traj.turns >= max_turns:
             _end(r, "max_turns")
         else:
             work.append((r, calls, errors))
@@ -1115,7 +1143,7 @@ def _after_turn(policy, rows, toolbox, turn, max_turns, max_images, max_context,
         for res in obs.results:
             r.stats["tool_calls"][res["name"]] += 1
             r.stats["tool_errors"][res["name"]] += not res["ok"]
-            r.traj.tool_calls.append({"turn": turn, **res})
+            r.traj.tool_calls.append({"turn": r.traj.turns, **res})
         n_tried = len(calls) + len(errors)
         r.tool_failures = r.tool_failures + 1 if obs.errors >= n_tried else 0
         if r.tool_failures >= max_tool_failures:
@@ -1568,15 +1596,20 @@ def score_samples(task, trajs, metric="em", endpoint=None, cache=None, image_dir
     return dict(line, type=task["type"]) if "type" in task else line   # a benchmark's question type, for reports
 
 
-def evaluate(policy, tasks, toolbox, n=1, metric="em", endpoint=None, cache=None, image_dir=None, **rollout_kw):
+def evaluate(policy, tasks, toolbox, n=1, metric="em", endpoint=None, cache=None, image_dir=None, on_line=None,
+             **rollout_kw):
     """Roll out `n` samples per task and score them: one results line per task (what eval.py
-    writes to results.jsonl), with time_s."""
-    t0 = time.time()
-    trajs = rollout(policy, tasks, toolbox, n=n, **rollout_kw)
-    lines = [score_samples(task, trajs[i * n:(i + 1) * n], metric, endpoint, cache, image_dir)
-             for i, task in enumerate(tasks)]
-    for line in lines:
-        line["time_s"] = (time.time() - t0) / max(1, len(tasks))
+    writes to results.jsonl), with time_s (wall time since the previous line, so the lines sum
+    to the run's). on_line(line) is called as each task finishes, in finishing order."""
+    lines, last = [None] * len(tasks), [time.time()]
+
+    def done(i, trajs):
+        lines[i] = score_samples(tasks[i], trajs, metric, endpoint, cache, image_dir)
+        lines[i]["time_s"], last[0] = time.time() - last[0], time.time()
+        if on_line:
+            on_line(lines[i])
+
+    rollout(policy, tasks, toolbox, n=n, on_task=done, **rollout_kw)
     return lines
 
 

@@ -1,10 +1,13 @@
-"""Benchmark: the rollout loop with KV-cache reuse against the same loop re-encoding the whole
-context every turn.
+"""Benchmark: the rollout loop against `model.generate` (one turn), and with KV-cache reuse against
+the same loop re-encoding the whole context every turn (eight turns).
 
     python tests/bench_rollout.py                  # tiny and small models on CPU
     python tests/bench_rollout.py --device cuda    # adds a Qwen2.5-VL-3B-shaped model (random weights)
 
-Workload: 16 rows (batch 16), 8 turns. Each turn the model runs a forward for every token it
+Single turn: --rows copies of one prompt (a 224x168 image and a question), greedy, exactly
+--new-tokens tokens each (no end-of-turn, no loop stop), our rollout against model.generate(
+min_new_tokens=max_new_tokens) on the same batch; both only sample ids in policy.sample_mask.
+Multi-turn: 16 rows (batch 16), 8 turns. Each turn the model runs a forward for every token it
 writes, but the tokens are scripted (a text_search tool call, 30-odd tokens, then <|im_end|>)
 so that every row really makes 8 tool calls against a local corpus; random weights would
 otherwise stop after one turn. Prefill tokens count tokens run through the model in prefill;
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -78,11 +82,45 @@ def bench(policy, toolbox, reencode, rows=16, turns=8):
     return {"time_s": dt, "generated": gen, "prefill": pre, "context": ctx, "tok_s": gen / dt}
 
 
+def single_turn(policy, rows, new_tokens, use_generate):
+    """Greedy, no tools, one turn of exactly `new_tokens` tokens per row: ours or model.generate."""
+    tasks = [{"id": str(i), "image": Image.new("RGB", (224, 168), (i * 15, 80, 160)),
+              "question": "Which city is this tower in, and when was it built?"} for i in range(rows)]
+    t0 = time.perf_counter()
+    if use_generate:
+        prompts = [core.new_trajectory(policy, t) for t in tasks]
+        for p in prompts:
+            p.append([policy.ids["im_start"]] + policy.encode_text("assistant\n"), 0)
+        b = core.collate(policy, prompts)
+        with torch.no_grad():
+            out = policy.model.generate(
+                input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b["pixel_values"],
+                image_grid_thw=b["image_grid_thw"], mm_token_type_ids=b["mm_token_type_ids"], do_sample=False,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                suppress_tokens=(~policy.sample_mask).nonzero()[:, 0].tolist())
+        generated = (out.shape[1] - b["input_ids"].shape[1]) * rows
+    else:
+        original_repeats, original_eos = core.repeats_itself, type(policy).eos_ids
+        core.repeats_itself, type(policy).eos_ids = (lambda tokens: False), property(lambda self: set())
+        try:
+            trajs = core.rollout(policy, tasks, tools.Toolbox(), temperature=0, max_turns=1,
+                                 max_new_tokens=new_tokens, max_batch=rows, progress=False)
+        finally:
+            core.repeats_itself, type(policy).eos_ids = original_repeats, original_eos
+        generated = sum(t.meta["stats"]["generated_tokens"] for t in trajs)
+    if policy.device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    assert generated == rows * new_tokens, generated
+    return {"time_s": dt, "generated": generated, "tok_s": generated / dt}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--rows", type=int, default=16, help="rows decoding together (tasks)")
     ap.add_argument("--turns", type=int, default=8, help="assistant turns per rollout")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens per row in the single-turn comparison")
     args = ap.parse_args()
     models = {"tiny (220K)": {}, "small (hidden 256, 4 layers)": dict(hidden=256, layers=4, heads=8, kv_heads=4)}
     if args.device == "cuda":
@@ -90,16 +128,29 @@ def main():
                                              vision_hidden=1280, vision_depth=32, model_vocab=151936,
                                              max_pixels=448 * 448)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"# rollout benchmark on {name}, torch {torch.__version__}: {args.rows} rows, {args.turns} turns\n")
-    print("| model | mode | wall s | generated | prefill tokens | context tokens | prefill/context | tok/s | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"# rollout benchmark on {name}, torch {torch.__version__}, transformers {transformers.__version__}\n")
     with tempfile.TemporaryDirectory() as tmp:
+        policies = {}
+        for label, sizes in models.items():
+            folder = core.build_tiny_policy(Path(tmp) / label.split()[0], TEXTS, **sizes)
+            policies[label] = core.load_policy(folder, device=args.device)
+        print(f"Single turn, greedy, no tools: {args.rows} rows x {args.new_tokens} new tokens\n")
+        print("| model | method | wall s | tok/s | ours / generate |")
+        print("|---|---|---|---|---|")
+        for label, policy in policies.items():
+            single_turn(policy, 2, 4, False), single_turn(policy, 2, 4, True)   # warm-up
+            ours = min((single_turn(policy, args.rows, args.new_tokens, False) for _ in range(3)), key=lambda r: r["time_s"])
+            theirs = min((single_turn(policy, args.rows, args.new_tokens, True) for _ in range(3)), key=lambda r: r["time_s"])
+            for method, r in (("our rollout loop", ours), ("model.generate", theirs)):
+                ratio = f"{ours['tok_s'] / theirs['tok_s']:.2f}x" if r is ours else "1.00x"
+                print(f"| {label} | {method} | {r['time_s']:.2f} | {r['tok_s']:.0f} | {ratio} |", flush=True)
+        print(f"\nMulti-turn with tools: {args.rows} rows, {args.turns} turns\n")
+        print("| model | mode | wall s | generated | prefill tokens | context tokens | prefill/context | tok/s | speed-up |")
+        print("|---|---|---|---|---|---|---|---|---|")
         corpus = Path(tmp) / "corpus.jsonl"
         corpus.write_text("\n".join(json.dumps(d) for d in CORPUS))
         toolbox = tools.Toolbox(text_search=tools.LocalTextSearch(corpus), k=3)
-        for label, sizes in models.items():
-            folder = core.build_tiny_policy(Path(tmp) / label.split()[0], TEXTS, **sizes)
-            policy = core.load_policy(folder, device=args.device)
+        for label, policy in policies.items():
             bench(policy, toolbox, False, 2, 2)   # warm-up
             reuse = bench(policy, toolbox, False, args.rows, args.turns)
             again = bench(policy, toolbox, True, args.rows, args.turns)

@@ -105,3 +105,24 @@ def test_shape_errors():
         token_logprobs(torch.randn(3, 4), torch.randn(5, 6), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("T", [1.0, 0.7])
+def test_frozen_weight(T):
+    """W without gradient (LoRA, a frozen head): dh comes from the forward's p W; the same
+    values and gradients, with and without entropy (used in the loss, or only logged)."""
+    h, w, y = inputs(37, 16, 101)
+    w.requires_grad_(False)
+    ref, ref_ent = naive(h, w, y, T)
+    ours = token_logprobs(h, w, y, temperature=T, chunk_size=7)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    g = torch.randn(37)
+    a, = torch.autograd.grad((ours * g).sum(), h)
+    b, = torch.autograd.grad((ref * g).sum(), h)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for used in (False, True):
+        logp, ent = token_logprobs(h, w, y, temperature=T, chunk_size=7, with_entropy=True)
+        ref, ref_ent = naive(h, w, y, T)
+        a, = torch.autograd.grad((logp * g + used * ent).sum(), h)
+        b, = torch.autograd.grad((ref * g + used * ref_ent).sum(), h)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -200,7 +200,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="random seed (the world is deterministic)")
     args = ap.parse_args(argv)
     rng = random.Random(args.seed)
-    out = Path(args.out)
+    out = Path(args.out).resolve()   # records hold image paths: absolute, whatever the working directory
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     # 1. landmarks: pictures, pages, the image index
