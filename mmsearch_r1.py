@@ -648,7 +648,8 @@ def collate(policy, trajs):
 #   dh = (g W[y] - q W) / T,   dW = (onehot(y)^T (g h) - q^T h) / T.
 # Without g_H, q = p g: the g is applied to the small (c, H) side instead of the (c, V) buffer.
 
-CHUNK_TOKENS = 512   # tokens per chunk: (512, V) fp32 logits, 65 MB at V = 32000; fewer chunks = fewer passes over W
+CHUNK_TOKENS = 512        # tokens per chunk: fewer, larger chunks mean fewer passes over W and dW ...
+LOGIT_BUDGET = 1 << 25    # ... but at most this many floats of logits per chunk (128 MB in fp32)
 BLOCKED = -1e30      # logit of an id outside vocab_mask: exp() is exactly 0, and 0 * BLOCKED stays finite
 
 
@@ -747,14 +748,14 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, wi
     hidden (N, H), weight (V, H), targets (N,) -> log-probs (N,) in float32 (float64 for float64
     inputs), and the entropy (N,) of each row's distribution when `with_entropy`. Differentiable
     in hidden and weight (tied embeddings too). chunk_size: tokens per chunk (default
-    CHUNK_TOKENS). vocab_mask (V,) bool: the softmax runs over these ids
+    CHUNK_TOKENS, fewer when LOGIT_BUDGET says so). vocab_mask (V,) bool: the softmax runs over these ids
     only (the policy's sampling distribution, Policy.sample_mask); targets must lie inside it."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: want hidden (N, H) and weight (V, H), got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"token_logprobs: targets {tuple(targets.shape)} must be ({hidden.shape[0]},)")
-    chunk_size = chunk_size or CHUNK_TOKENS
+    chunk_size = chunk_size or max(1, min(CHUNK_TOKENS, LOGIT_BUDGET // weight.shape[0]))
     blocked = None
     if vocab_mask is not None:
         if vocab_mask.shape != weight.shape[:1]:
@@ -882,6 +883,11 @@ class KVBatch:
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         self.mask = self.mask[index]
         self.cache.batch_select_indices(index)
+        lead = int(self.mask.argmax(1).min()) if keep else 0   # columns that are padding in every row left
+        if lead:   # drop them: rows that shared a batch with a longer row stop attending over its padding
+            self.mask = self.mask[:, lead:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
 
 
 def repeats_itself(tokens, max_n=16, min_repeats=4, min_span=48):
@@ -991,7 +997,17 @@ def decode_one_token(policy, batch, tokens):
 
 def run_turn(policy, rows, limits, generator):
     """One assistant turn for `rows`: prefill, then sample until every row has ended its turn."""
-    batch, logits = prefill(policy, rows, limits["temperature"])
+    fresh, cached = [r for r in rows if not r.n_cached], [r for r in rows if r.n_cached]
+    if fresh and cached:   # rows that just joined (whole prompts) and rows with a cache (a tool response
+        # after a long history) are prefilled apart: together, each would be padded to the other's length
+        by_row = {}
+        for part in (fresh, cached):
+            part_batch, part_logits = prefill(policy, part, limits["temperature"])
+            part_batch.split_off(list(range(len(part))))   # each row keeps its own keys/values
+            by_row.update(zip(map(id, part), part_logits))
+        batch, logits = KVBatch(rows, policy.device), torch.stack([by_row[id(r)] for r in rows])
+    else:
+        batch, logits = prefill(policy, rows, limits["temperature"])
     live = [r.turn_end is None for r in batch.rows]   # forced rows are already done
     batch.split_off([b for b, alive in enumerate(live) if not alive])
     logits = logits[torch.tensor(live, device=logits.device)] if not all(live) else logits

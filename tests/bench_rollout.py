@@ -7,6 +7,13 @@ the same loop re-encoding the whole context every turn (eight turns).
 Single turn: --rows copies of one prompt (a 224x168 image and a question), greedy, exactly
 --new-tokens tokens each (no end-of-turn, no loop stop), our rollout against model.generate(
 min_new_tokens=max_new_tokens) on the same batch; both only sample ids in policy.sample_mask.
+Batching (eval.py): examples/s and the idle share of row slots (1 - rows in each model call /
+--rows, over every prefill and decode call) when tasks are rolled out in fixed batches (each batch
+waits for its slowest row: eval.py before) against rows joining as others finish (continuous
+batching: eval.py now). Workloads: a long-tailed mix of 96 tasks (half answer at turn 1, the rest
+make 1 to 7 text searches first; the last turn is sampled, greedy, up to 24 tokens) on the tiny
+model, and with --toy RUN (a folder made by data/toyworld/run.py) its GRPO model on the world's
+test tasks with the main command's eval settings.
 Multi-turn: 16 rows (batch 16), 8 turns. Each turn the model runs a forward for every token it
 writes, but the tokens are scripted (a text_search tool call, 30-odd tokens, then <|im_end|>)
 so that every row really makes 8 tool calls against a local corpus; random weights would
@@ -17,6 +24,7 @@ plus generated tokens is the context length plus one per turn after the first (t
 """
 import argparse
 import json
+import random
 import sys
 import tempfile
 import time
@@ -115,12 +123,60 @@ def single_turn(policy, rows, new_tokens, use_generate):
     return {"time_s": dt, "generated": generated, "tok_s": generated / dt}
 
 
+def counting_calls(fn, calls):
+    """Wrap core.prefill / core.decode_one_token: record the rows in each model call."""
+    def wrapped(policy, rows_or_batch, *args):
+        calls.append(len(getattr(rows_or_batch, "rows", rows_or_batch)))
+        return fn(policy, rows_or_batch, *args)
+    return wrapped
+
+
+def batching(policy, toolbox, tasks, slots, continuous, **kw):
+    """Examples/s and idle slot share rolling `tasks` out with `slots` rows at a time."""
+    calls, original = [], (core.prefill, core.decode_one_token)
+    core.prefill, core.decode_one_token = (counting_calls(f, calls) for f in original)
+    try:
+        t0 = time.perf_counter()
+        batches = [tasks] if continuous else [tasks[i:i + slots] for i in range(0, len(tasks), slots)]
+        for batch in batches:
+            core.rollout(policy, batch, toolbox, max_batch=slots, progress=False, **kw)
+        dt = time.perf_counter() - t0
+    finally:
+        core.prefill, core.decode_one_token = original
+    return {"ex_s": len(tasks) / dt, "idle": 1 - sum(calls) / (len(calls) * slots), "calls": len(calls)}
+
+
+def long_tail(n=96, seed=0):
+    """Tasks and a forced script: half answer at once, the rest search 1-7 times first."""
+    rng = random.Random(seed)
+    tasks = [{"id": str(i), "image": Image.new("RGB", (112, 84), (i % 250, 80, 160)),
+              "question": "Which city is this tower in?"} for i in range(n)]
+    searches = {t["id"]: 0 if rng.random() < 0.5 else rng.randint(1, 7) for t in tasks}
+    return tasks, lambda task, turn: CALL if turn < searches[task["id"]] else None
+
+
+def toy_workload(run):
+    """The GRPO model, test tasks, toolbox and eval settings of a data/toyworld/run.py folder."""
+    world = Path(run) / "world"
+    policy = core.load_policy(Path(run) / "grpo" / "final")
+    tasks = [dict(json.loads(line), _root=str(world)) for line in (world / "test.jsonl").read_text().splitlines()]
+    toolbox = tools.Toolbox(text_search=tools.LocalTextSearch(world / "corpus.jsonl"),
+                            image_search=tools.LocalImageSearch(world / "images.jsonl"),
+                            pages=tools.LocalTextSearch(world / "corpus.jsonl"), convention=policy.crop_convention,
+                            shown_size=policy.shown_size, k=5)
+    settings = dict(temperature=0, max_turns=4, max_new_tokens=96, max_context=4096,
+                    system=(world / "system.txt").read_text(encoding="utf-8"))
+    return policy, tasks, toolbox, settings
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--rows", type=int, default=16, help="rows decoding together (tasks)")
     ap.add_argument("--turns", type=int, default=8, help="assistant turns per rollout")
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens per row in the single-turn comparison")
+    ap.add_argument("--parts", default="single,multi,batching", help="which tables: single, multi, batching")
+    ap.add_argument("--toy", default=None, help="a data/toyworld/run.py output folder: batching on its GRPO model")
     args = ap.parse_args()
     models = {"tiny (220K)": {}, "small (hidden 256, 4 layers)": dict(hidden=256, layers=4, heads=8, kv_heads=4)}
     if args.device == "cuda":
@@ -134,23 +190,29 @@ def main():
         for label, sizes in models.items():
             folder = core.build_tiny_policy(Path(tmp) / label.split()[0], TEXTS, **sizes)
             policies[label] = core.load_policy(folder, device=args.device)
-        print(f"Single turn, greedy, no tools: {args.rows} rows x {args.new_tokens} new tokens\n")
-        print("| model | method | wall s | tok/s | ours / generate |")
-        print("|---|---|---|---|---|")
+        corpus = Path(tmp) / "corpus.jsonl"
+        corpus.write_text("\n".join(json.dumps(d) for d in CORPUS))
+        toolbox = tools.Toolbox(text_search=tools.LocalTextSearch(corpus), k=3)
+        if "single" in args.parts:
+            print(f"Single turn, greedy, no tools: {args.rows} rows x {args.new_tokens} new tokens\n")
+            print("| model | method | wall s | tok/s | ours / generate |")
+            print("|---|---|---|---|---|")
         for label, policy in policies.items():
+            if "single" not in args.parts:
+                break
             single_turn(policy, 2, 4, False), single_turn(policy, 2, 4, True)   # warm-up
             ours = min((single_turn(policy, args.rows, args.new_tokens, False) for _ in range(3)), key=lambda r: r["time_s"])
             theirs = min((single_turn(policy, args.rows, args.new_tokens, True) for _ in range(3)), key=lambda r: r["time_s"])
             for method, r in (("our rollout loop", ours), ("model.generate", theirs)):
                 ratio = f"{ours['tok_s'] / theirs['tok_s']:.2f}x" if r is ours else "1.00x"
                 print(f"| {label} | {method} | {r['time_s']:.2f} | {r['tok_s']:.0f} | {ratio} |", flush=True)
-        print(f"\nMulti-turn with tools: {args.rows} rows, {args.turns} turns\n")
-        print("| model | mode | wall s | generated | prefill tokens | context tokens | prefill/context | tok/s | speed-up |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        corpus = Path(tmp) / "corpus.jsonl"
-        corpus.write_text("\n".join(json.dumps(d) for d in CORPUS))
-        toolbox = tools.Toolbox(text_search=tools.LocalTextSearch(corpus), k=3)
+        if "multi" in args.parts:
+            print(f"\nMulti-turn with tools: {args.rows} rows, {args.turns} turns\n")
+            print("| model | mode | wall s | generated | prefill tokens | context tokens | prefill/context | tok/s | speed-up |")
+            print("|---|---|---|---|---|---|---|---|---|")
         for label, policy in policies.items():
+            if "multi" not in args.parts:
+                break
             bench(policy, toolbox, False, 2, 2)   # warm-up
             reuse = bench(policy, toolbox, False, args.rows, args.turns)
             again = bench(policy, toolbox, True, args.rows, args.turns)
@@ -158,6 +220,21 @@ def main():
                 speed = f"{reuse['tok_s'] / again['tok_s']:.2f}x" if mode.startswith("KV") else "1.00x"
                 print(f"| {label} | {mode} | {r['time_s']:.2f} | {r['generated']} | {r['prefill']} | "
                       f"{r['context']} | {r['prefill'] / r['context']:.2f} | {r['tok_s']:.0f} | {speed} |", flush=True)
+        if "batching" in args.parts:
+            workloads = {"long-tailed mix, tiny": (policies["tiny (220K)"], *long_tail(), toolbox)}
+            if args.toy:
+                policy, tasks, toy_box, settings = toy_workload(args.toy)
+                workloads[f"toy world test split ({args.toy})"] = (policy, tasks, None, toy_box, settings)
+            print(f"\nBatching: {args.rows} row slots\n")
+            print("| workload | mode | examples/s | idle slot share | model calls | speed-up |")
+            print("|---|---|---|---|---|---|")
+            for label, (policy, tasks, forced, box, *settings) in workloads.items():
+                kw = settings[0] if settings else dict(temperature=0, max_turns=8, max_new_tokens=24, forced=forced)
+                fixed = batching(policy, box, tasks, args.rows, False, **kw)
+                cont = batching(policy, box, tasks, args.rows, True, **kw)
+                for mode, r in (("fixed batches", fixed), ("continuous", cont)):
+                    print(f"| {label} | {mode} | {r['ex_s']:.1f} | {r['idle']:.0%} | {r['calls']} | "
+                          f"{r['ex_s'] / fixed['ex_s']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

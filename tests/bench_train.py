@@ -1,6 +1,7 @@
 """Benchmark: one SFT optimizer step (full fine-tuning and LoRA) and one GRPO step.
 
     python tests/bench_train.py                   # CPU: the tiny and small configs, each in a fresh process
+    python tests/bench_train.py --toy runs/toy    # also GRPO steps on the toy world (train_grpo.py itself)
     python tests/bench_train.py --device cuda     # adds a Qwen2.5-VL-3B-shaped model at 8k tokens (bf16 autocast)
 
 SFT rows: --rows trajectories of about --tokens tokens each (a question image, a long assistant
@@ -124,8 +125,27 @@ def grpo_worker(config, device, repeats):
                       "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def toy_grpo_steps(run, steps):
+    """train_grpo.py as the main command runs it (8 tasks x 8 samples, tools, T 0.7), from RUN's SFT
+    model for `steps` steps in a temporary folder: its metrics lines."""
+    world, root = Path(run) / "world", Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, root / "train_grpo.py", "--model", Path(run) / "sft" / "final",
+               "--tasks", world / "train.jsonl", "--out", tmp, "--steps", steps, "--lr", "3e-4", "--temperature", "0.7",
+               "--tasks-per-step", "8", "--group-size", "8", "--rollout-batch", "64", "--quiet",
+               "--backend", "local", "--corpus", world / "corpus.jsonl", "--image-index", world / "images.jsonl",
+               "--k", "5", "--cache", "", "--max-turns", "4", "--max-new-tokens", "96", "--max-context", "4096",
+               "--system", (world / "system.txt").read_text(encoding="utf-8")]
+        out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=root)
+        if out.returncode:
+            raise SystemExit(f"train_grpo.py failed: {out.stderr.strip()[-800:]}")
+        return [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--toy", default=None, help="a data/toyworld/run.py output folder: also time GRPO steps on it")
+    ap.add_argument("--toy-steps", type=int, default=12, help="GRPO steps on the toy world (the first is not counted)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--rows", type=int, default=4, help="trajectories per step")
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per trajectory")
@@ -162,6 +182,13 @@ def main():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"| {config} | one step | {r['rollout_s']:.2f} | {r['update_s']:.2f} | {r['tokens']} | {r['sampled']} | "
               f"{r['tok_s']:.0f} | {r['peak_mb']:.0f} |")
+    if args.toy:
+        rows = toy_grpo_steps(args.toy, args.toy_steps)[1:]
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("dt", "rollout_s", "len", "turns")}
+        print(f"\nGRPO on the toy world ({args.toy}, its SFT model, the main command's settings), "
+              f"mean of steps 2-{args.toy_steps}:\n\n| step s | rollout s | update s | tokens/sample | turns/sample |"
+              f"\n|---|---|---|---|---|\n| {mean['dt']:.2f} | {mean['rollout_s']:.2f} | "
+              f"{mean['dt'] - mean['rollout_s']:.2f} | {mean['len']:.0f} | {mean['turns']:.2f} |")
 
 
 if __name__ == "__main__":
