@@ -241,30 +241,32 @@ def main(argv=None):
     print(f"eval: {len(tasks)} examples, {len(done_ids & {t['id'] for t in tasks})} already done, {len(todo)} to run")
 
     with open(results_path, "a", encoding="utf-8") as f:
-        def write(line):   # as each task finishes: an interrupted run keeps every finished line
-            f.write(json.dumps(line, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-        runnable = []
-        for task in todo:
-            if "error" in task:   # a record that could not be read
-                write(task)
+        for start in range(0, len(todo), args.batch):
+            chunk = []
+            for task in todo[start:start + args.batch]:
+                if "error" in task:   # a record that could not be read
+                    f.write(json.dumps(task, ensure_ascii=False) + "\n")
+                    continue
+                try:   # load images up front: a broken example is an error line, not a crash
+                    task = dict(task, image=core.task_images(task))
+                    chunk.append(task)
+                except ValueError as e:
+                    line = {"id": task["id"], "question": task["question"], "answers": task["answers"], "error": str(e)}
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    f.flush()
+            if not chunk:
                 continue
-            try:   # open every image up front: a broken example is an error line, not a crash mid-run
-                core.task_images(task)
-                runnable.append(task)
-            except ValueError as e:
-                write({"id": task["id"], "question": task["question"], "answers": task["answers"], "error": str(e)})
-        if runnable:   # one rollout: rows of the next tasks take the slots of finished ones (continuous batching)
-            core.evaluate(policy, runnable, toolbox, n=args.n, metric=args.metric, endpoint=endpoint,
-                          cache=toolbox.cache, image_dir=(out / "images").resolve(), on_line=write,
-                          max_turns=1 if args.no_tools else args.max_turns, max_new_tokens=args.max_new_tokens,
-                          max_context=args.max_context, max_images=args.max_images, **sampling,
-                          seed=args.seed, max_batch=args.batch * args.n,
-                          system=args.system or (NO_TOOLS_PROMPT if args.no_tools else None))
-    order = {t["id"]: i for i, t in enumerate(tasks)}   # lines are written as tasks finish; report in task order
-    results = sorted((r for r in read_results(results_path) if r["id"] in order), key=lambda r: order[r["id"]])
+            lines = core.evaluate(policy, chunk, toolbox, n=args.n, metric=args.metric, endpoint=endpoint,
+                                  cache=toolbox.cache, image_dir=(out / "images").resolve(),
+                                  max_turns=1 if args.no_tools else args.max_turns, max_new_tokens=args.max_new_tokens,
+                                  max_context=args.max_context, max_images=args.max_images, **sampling,
+                                  seed=args.seed + start, max_batch=args.batch * args.n,
+                                  system=args.system or (NO_TOOLS_PROMPT if args.no_tools else None))
+            for line in lines:
+                f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+    results = [r for r in read_results(results_path) if r["id"] in {t["id"] for t in tasks}]
     summary = core.summarize(results)
     summary["sampling"] = sampling
     summary["settings"] = settings

@@ -23,7 +23,7 @@ Usage:
 """
 import json
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -840,8 +840,6 @@ class Row:
     turn_tokens: list = field(default_factory=list)
     turn_logprobs: list = field(default_factory=list)
     turn_end: str | None = None   # "im_end" | "length" | "repetition" | "max_context" | "forced"
-    index: int = 0                # the task's position in rollout's `tasks`
-    started: float = 0.0          # when the row joined the batch (time.time())
     stats: dict = field(default_factory=lambda: {"generated_tokens": 0, "prefill_tokens": 0,
                                                  "tool_calls": Counter(), "tool_errors": Counter()})
 
@@ -856,15 +854,14 @@ class KVBatch:
         self.mask = torch.zeros((len(rows), T), dtype=torch.long, device=device)
         layers = []
         if T > 0:
-            first = next(r for r in rows if r.n_cached)   # rows that just joined have no cache yet
-            for layer in range(len(first.kv)):
-                k0, v0 = first.kv[layer]
+            n_layers = len(rows[0].kv)
+            for layer in range(n_layers):
+                k0, v0 = rows[0].kv[layer]
                 k = k0.new_zeros((len(rows), k0.shape[1], T, k0.shape[3]))
                 v = v0.new_zeros((len(rows), v0.shape[1], T, v0.shape[3]))
                 for b, r in enumerate(rows):              # left-pad: a row's tokens end at T
-                    if r.n_cached:
-                        k[b, :, T - r.n_cached:] = r.kv[layer][0][0]
-                        v[b, :, T - r.n_cached:] = r.kv[layer][1][0]
+                    k[b, :, T - r.n_cached:] = r.kv[layer][0][0]
+                    v[b, :, T - r.n_cached:] = r.kv[layer][1][0]
                 layers.append((k, v))
         for b, r in enumerate(rows):
             self.mask[b, T - r.n_cached:] = 1
@@ -997,17 +994,7 @@ def decode_one_token(policy, batch, tokens):
 
 def run_turn(policy, rows, limits, generator):
     """One assistant turn for `rows`: prefill, then sample until every row has ended its turn."""
-    fresh, cached = [r for r in rows if not r.n_cached], [r for r in rows if r.n_cached]
-    if fresh and cached:   # rows that just joined (whole prompts) and rows with a cache (a tool response
-        # after a long history) are prefilled apart: together, each would be padded to the other's length
-        by_row = {}
-        for part in (fresh, cached):
-            part_batch, part_logits = prefill(policy, part, limits["temperature"])
-            part_batch.split_off(list(range(len(part))))   # each row keeps its own keys/values
-            by_row.update(zip(map(id, part), part_logits))
-        batch, logits = KVBatch(rows, policy.device), torch.stack([by_row[id(r)] for r in rows])
-    else:
-        batch, logits = prefill(policy, rows, limits["temperature"])
+    batch, logits = prefill(policy, rows, limits["temperature"])
     live = [r.turn_end is None for r in batch.rows]   # forced rows are already done
     batch.split_off([b for b, alive in enumerate(live) if not alive])
     logits = logits[torch.tensor(live, device=logits.device)] if not all(live) else logits
@@ -1051,8 +1038,8 @@ def _end(row, reason):
 
 def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_context=8192, max_images=8,
             temperature=1.0, top_p=1.0, top_k=0, seed=0, max_batch=16, max_tool_failures=3, forced=None,
-            system=None, progress=True, on_task=None):
-    """Sample `n` multi-turn trajectories per task, up to `max_batch` rows decoding together.
+            system=None, progress=True):
+    """Sample `n` multi-turn trajectories per task, all rows decoding together.
 
     tasks: dicts with `image` (path(s) or PIL images), `question`, `id`. toolbox: a tools.Toolbox
     (or anything with `run(calls, images, parse_errors) -> Observation`).
@@ -1063,10 +1050,6 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
     policy.sample_mask (text, the policy's tags, <|im_end|>): never a vision or control token.
     forced: optional callable (task, turn) -> assistant text or None; forced text is scored by
     the model (its log-probs recorded) instead of sampled. For tests and oracle trajectories.
-    on_task: optional callable (task index, its n trajectories), called as soon as a task's rows
-    are all finished (eval.py writes its results line there).
-    Rows join as others finish (continuous batching): a row that answers at turn 1 hands its slot
-    to the next row at once instead of leaving it idle until the slowest row of its batch is done.
     Returns trajectories in task order (n per task), each with finish_reason, tool_calls,
     per-token sampling log-probs and meta["stats"], meta["over_turn"]."""
     from tqdm.auto import tqdm
@@ -1075,59 +1058,49 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
                   top_k=top_k)
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     schemas = getattr(toolbox, "schemas", None)   # the modes this toolbox has are the ones offered
-    trajs, left = [None] * (len(tasks) * n), Counter({i: n for i in range(len(tasks))})
+    rows = [Row(new_trajectory(policy, task, system, schemas), task) for task in tasks for _ in range(n)]
+    left = Counter(i // n for i in range(len(rows)))
     bar = tqdm(total=len(tasks), desc="rollout", unit="task", disable=not progress)
     header = [policy.ids["im_start"]] + policy.encode_text("assistant\n")
-
-    def finished(r):
-        r.traj.meta["stats"] = {**r.stats, "tool_calls": dict(r.stats["tool_calls"]),
-                                "tool_errors": dict(r.stats["tool_errors"]), "wall_time": time.time() - r.started}
-        left[r.index] -= 1
-        if left[r.index] == 0:
-            bar.update(1)
-            if on_task:
-                on_task(r.index, trajs[r.index * n:(r.index + 1) * n])
-
-    pending, active = deque(range(len(trajs))), []
-    while pending or active:
-        while pending and len(active) < max_batch:   # fill free slots before every turn
-            j = pending.popleft()   # a row is built when it joins: images are encoded only then
-            r = Row(new_trajectory(policy, tasks[j // n], system, schemas), tasks[j // n], index=j // n,
-                    started=time.time())
-            trajs[j] = r.traj
+    for start in range(0, len(rows), max_batch):
+        group = rows[start:start + max_batch]
+        t0 = time.time()
+        active = list(group)
+        for r in active:
             if len(r.traj.images) > max_images:
                 _end(r, "max_images")
             elif len(r.traj.input_ids) + len(header) >= max_context:
                 _end(r, "max_context")
-            else:
-                active.append(r)
-                continue
-            finished(r)
-        if not active:
-            continue
-        for r in active:   # the assistant header, then forced text if any
-            r.traj.append(header, 0)
-            r.turn_tokens, r.turn_logprobs, r.turn_end = [], [], None
-            text = forced(r.task, r.traj.turns) if forced else None
-            if text is not None:
-                ids = encode_assistant(policy, text) + [policy.ids["im_end"]]
-                r.traj.append(ids, 1)
-                r.turn_tokens, r.turn_end = ids, "forced"
-        run_turn(policy, active, limits, generator)
-        for r in active:
-            r.traj.turns += 1
-            if r.turn_end in ("im_end", "forced"):
-                r.traj.append(policy.encode_text("\n"), 0)
-        going = _after_turn(policy, active, toolbox, max_turns, max_images, max_context, max_tool_failures, header)
-        for r in active:
-            if r.traj.finish_reason is not None:
-                finished(r)
-        active = going
+        active = [r for r in active if r.traj.finish_reason is None]
+        turn = 0
+        while active:
+            for r in active:   # the assistant header, then forced text if any
+                r.traj.append(header, 0)
+                r.turn_tokens, r.turn_logprobs, r.turn_end = [], [], None
+                text = forced(r.task, turn) if forced else None
+                if text is not None:
+                    ids = encode_assistant(policy, text) + [policy.ids["im_end"]]
+                    r.traj.append(ids, 1)
+                    r.turn_tokens, r.turn_end = ids, "forced"
+            run_turn(policy, active, limits, generator)
+            turn += 1
+            for r in active:
+                r.traj.turns = turn
+                if r.turn_end in ("im_end", "forced"):
+                    r.traj.append(policy.encode_text("\n"), 0)
+            active = _after_turn(policy, active, toolbox, turn, max_turns, max_images, max_context,
+                                 max_tool_failures, header)
+        dt = time.time() - t0
+        for i, r in enumerate(group, start):
+            r.traj.meta["stats"] = {**r.stats, "tool_calls": dict(r.stats["tool_calls"]),
+                                    "tool_errors": dict(r.stats["tool_errors"]), "wall_time": dt}
+            left[i // n] -= 1
+            bar.update(left[i // n] == 0)
     bar.close()
-    return trajs
+    return [r.traj for r in rows]
 
 
-def _after_turn(policy, rows, toolbox, max_turns, max_images, max_context, max_tool_failures, header):
+def _after_turn(policy, rows, toolbox, turn, max_turns, max_images, max_context, max_tool_failures, header):
     """Read each row's turn: finish it, or run its tool calls and append the tool response.
     Every row's calls of this turn run concurrently. Returns the rows that go on."""
     from concurrent.futures import ThreadPoolExecutor
@@ -1146,7 +1119,7 @@ def _after_turn(policy, rows, toolbox, max_turns, max_images, max_context, max_t
             _end(r, "answer")
         elif not calls and not errors:
             _end(r, "no_answer")
-        elif r.traj.turns >= max_turns:
+        elif turn >= max_turns:
             _end(r, "max_turns")
         else:
             work.append((r, calls, errors))
@@ -1159,7 +1132,7 @@ def _after_turn(policy, rows, toolbox, max_turns, max_images, max_context, max_t
         for res in obs.results:
             r.stats["tool_calls"][res["name"]] += 1
             r.stats["tool_errors"][res["name"]] += not res["ok"]
-            r.traj.tool_calls.append({"turn": r.traj.turns, **res})
+            r.traj.tool_calls.append({"turn": turn, **res})
         n_tried = len(calls) + len(errors)
         r.tool_failures = r.tool_failures + 1 if obs.errors >= n_tried else 0
         if r.tool_failures >= max_tool_failures:
@@ -1612,20 +1585,15 @@ def score_samples(task, trajs, metric="em", endpoint=None, cache=None, image_dir
     return dict(line, type=task["type"]) if "type" in task else line   # a benchmark's question type, for reports
 
 
-def evaluate(policy, tasks, toolbox, n=1, metric="em", endpoint=None, cache=None, image_dir=None, on_line=None,
-             **rollout_kw):
+def evaluate(policy, tasks, toolbox, n=1, metric="em", endpoint=None, cache=None, image_dir=None, **rollout_kw):
     """Roll out `n` samples per task and score them: one results line per task (what eval.py
-    writes to results.jsonl), with time_s (wall time since the previous line, so the lines sum
-    to the run's). on_line(line) is called as each task finishes, in finishing order."""
-    lines, last = [None] * len(tasks), [time.time()]
-
-    def done(i, trajs):
-        lines[i] = score_samples(tasks[i], trajs, metric, endpoint, cache, image_dir)
-        lines[i]["time_s"], last[0] = time.time() - last[0], time.time()
-        if on_line:
-            on_line(lines[i])
-
-    rollout(policy, tasks, toolbox, n=n, on_task=done, **rollout_kw)
+    writes to results.jsonl), with time_s."""
+    t0 = time.time()
+    trajs = rollout(policy, tasks, toolbox, n=n, **rollout_kw)
+    lines = [score_samples(task, trajs[i * n:(i + 1) * n], metric, endpoint, cache, image_dir)
+             for i, task in enumerate(tasks)]
+    for line in lines:
+        line["time_s"] = (time.time() - t0) / max(1, len(tasks))
     return lines
 
 

@@ -80,29 +80,6 @@ def test_batched_rows_equal_rows_alone(policy):
     assert [t.input_ids for t in small] == [t.input_ids for t in together]
 
 
-def test_rows_join_as_others_finish(policy):
-    """Continuous batching: with 2 slots, task 2 takes task 0's slot as soon as task 0 answers, and
-    decodes beside task 1's cached rows; every trajectory equals the one rolled out alone, and
-    on_task reports tasks in finishing order."""
-    tasks = [task(0), task(1, (90, 60), "Which tower is this? " * 3), task(2, (64, 150))]
-    turns = {"t0": [ANSWER], "t1": [CROP0, CROP1, CROP1, ANSWER], "t2": [CROP0, ANSWER]}
-    forced = lambda t, turn: turns[t["id"]][turn] if turn < len(turns[t["id"]]) else None  # noqa: E731
-    order, sizes = [], []
-    original = core.prefill
-    core.prefill = lambda policy, rows, T: (sizes.append(sorted(r.n_cached > 0 for r in rows)), original(policy, rows, T))[1]
-    try:
-        trajs = core.rollout(policy, tasks, BOX, temperature=0, max_new_tokens=20, forced=forced, max_batch=2,
-                             on_task=lambda i, ts: order.append(i), progress=False)
-    finally:
-        core.prefill = original
-    assert order == [0, 2, 1]
-    assert [False, True] in sizes   # a new row prefilled beside a row with a cache
-    for t, traj in zip(tasks, trajs):
-        alone = core.rollout(policy, [t], BOX, temperature=0, max_new_tokens=20, forced=forced, progress=False)[0]
-        assert alone.input_ids == traj.input_ids and traj.turns == len(turns[t["id"]])
-        assert alone.logprobs == pytest.approx(traj.logprobs, abs=1e-4)
-
-
 def test_forced_rollout_round_trips_through_records(policy, tmp_path):
     task()["image"].save(tmp_path / "q.png")
     traj = core.rollout(policy, [dict(task(), image="q.png", _root=str(tmp_path))], BOX,
