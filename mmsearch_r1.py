@@ -922,13 +922,19 @@ def sample(logits, temperature, top_p, generator, mask=None, top_k=0):
 
 
 def _segment_positions(policy, row):
-    """Rotary positions (3, n) of the row's uncached tokens, from get_rope_index over its whole
-    sequence (DESIGN.md: the same positions a full forward would use)."""
-    ids = torch.tensor([row.traj.input_ids])
-    grids = torch.stack([g for _, g in row.traj.image_inputs]) if row.traj.image_inputs else None
+    """Rotary positions (3, n) of the row's uncached tokens, and the next free position: the
+    positions get_rope_index gives over the whole sequence (DESIGN.md), computed for the segment
+    alone. Every span's positions count on from the largest one before it, so the segment's are
+    its own get_rope_index (which counts from 0) shifted by row.next_pos; a text-only segment is
+    a plain range. This saves re-indexing the whole history every turn."""
+    start, seg = row.next_pos, row.traj.input_ids[row.n_cached:]
+    images = row.traj.image_inputs[row.n_images_cached:]
+    if not images:
+        return torch.arange(start, start + len(seg)).expand(3, -1), start + len(seg)
+    ids = torch.tensor([seg])
     pos, _ = policy.model.model.get_rope_index(ids, mm_token_type_ids=(ids == policy.ids["image_pad"]).long(),
-                                               image_grid_thw=grids)
-    return pos[:, 0, row.n_cached:], int(pos.max()) + 1
+                                               image_grid_thw=torch.stack([g for _, g in images]))
+    return pos[:, 0] + start, start + int(pos.max()) + 1
 
 
 def _lm_head(policy, hidden):
@@ -985,7 +991,8 @@ def decode_one_token(policy, batch, tokens):
     dev = policy.device
     batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
     pos = torch.tensor([r.next_pos for r in batch.rows], device=dev).view(1, -1, 1).expand(3, -1, 1)
-    out = policy.model.model(input_ids=tokens.view(-1, 1).to(dev), attention_mask=batch.mask,
+    mask = None if batch.mask.all() else batch.mask   # no padding: no mask to build, SDPA's unmasked path
+    out = policy.model.model(input_ids=tokens.view(-1, 1).to(dev), attention_mask=mask,
                              position_ids=pos, past_key_values=batch.cache, use_cache=True)
     for r in batch.rows:
         r.next_pos += 1

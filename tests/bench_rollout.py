@@ -60,7 +60,7 @@ def reencode_every_turn(run_turn):
     """The baseline: forget every row's cache before each turn, so the whole context is re-run."""
     def wrapped(policy, rows, limits, generator):
         for r in rows:
-            r.kv, r.n_cached, r.n_images_cached = None, 0, 0
+            r.kv, r.n_cached, r.n_images_cached, r.next_pos = None, 0, 0, 0
         return run_turn(policy, rows, limits, generator)
     return wrapped
 

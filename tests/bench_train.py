@@ -1,7 +1,7 @@
 """Benchmark: one SFT optimizer step (full fine-tuning and LoRA) and one GRPO step.
 
     python tests/bench_train.py                   # CPU: the tiny and small configs, each in a fresh process
-    python tests/bench_train.py --toy runs/toy    # also GRPO steps on the toy world (train_grpo.py itself)
+    python tests/bench_train.py --toy runs/toy    # GRPO steps on the toy world instead (train_grpo.py itself)
     python tests/bench_train.py --device cuda     # adds a Qwen2.5-VL-3B-shaped model at 8k tokens (bf16 autocast)
 
 SFT rows: --rows trajectories of about --tokens tokens each (a question image, a long assistant
@@ -144,7 +144,7 @@ def toy_grpo_steps(run, steps):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--toy", default=None, help="a data/toyworld/run.py output folder: also time GRPO steps on it")
+    ap.add_argument("--toy", default=None, help="a data/toyworld/run.py output folder: time GRPO steps on it (only)")
     ap.add_argument("--toy-steps", type=int, default=12, help="GRPO steps on the toy world (the first is not counted)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--rows", type=int, default=4, help="trajectories per step")
@@ -156,6 +156,14 @@ def main():
         return grpo_worker(args.worker[0], args.device, args.repeats)
     if args.worker:
         return worker(*args.worker, args.rows, args.tokens, args.device, args.repeats)
+    if args.toy:
+        rows = toy_grpo_steps(args.toy, args.toy_steps)[1:]
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("dt", "rollout_s", "len", "turns")}
+        print(f"GRPO on the toy world ({args.toy}, its SFT model, the main command's settings), "
+              f"mean of steps 2-{args.toy_steps}:\n\n| step s | rollout s | update s | tokens/sample | turns/sample |"
+              f"\n|---|---|---|---|---|\n| {mean['dt']:.2f} | {mean['rollout_s']:.2f} | "
+              f"{mean['dt'] - mean['rollout_s']:.2f} | {mean['len']:.0f} | {mean['turns']:.2f} |")
+        return
     runs = [(c, m, args.rows, args.tokens) for c in ("tiny", "small") for m in ("full", "lora")]
     if args.device == "cuda":
         runs += [("3b", m, 1, 8192) for m in ("full", "lora")]
@@ -182,13 +190,6 @@ def main():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"| {config} | one step | {r['rollout_s']:.2f} | {r['update_s']:.2f} | {r['tokens']} | {r['sampled']} | "
               f"{r['tok_s']:.0f} | {r['peak_mb']:.0f} |")
-    if args.toy:
-        rows = toy_grpo_steps(args.toy, args.toy_steps)[1:]
-        mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("dt", "rollout_s", "len", "turns")}
-        print(f"\nGRPO on the toy world ({args.toy}, its SFT model, the main command's settings), "
-              f"mean of steps 2-{args.toy_steps}:\n\n| step s | rollout s | update s | tokens/sample | turns/sample |"
-              f"\n|---|---|---|---|---|\n| {mean['dt']:.2f} | {mean['rollout_s']:.2f} | "
-              f"{mean['dt'] - mean['rollout_s']:.2f} | {mean['len']:.0f} | {mean['turns']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -192,7 +192,7 @@ def main(argv=None):
     ap.add_argument("--val-fraction", type=float, default=0.05, help="share of questions held out for validation")
     ap.add_argument("--unseen", type=float, default=0.2, help="share of landmarks asked about in test only")
     ap.add_argument("--mix", default="visual:0.2,whole:0.3,crop:0.5", help="question types and their shares")
-    ap.add_argument("--direct", type=float, default=0.2,
+    ap.add_argument("--direct", type=float, default=0.5,
                     help="share of knowledge questions the oracle answers from memory, without searching")
     ap.add_argument("--k", type=int, default=5, help="image search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tiny tokenizer")
