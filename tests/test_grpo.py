@@ -157,7 +157,9 @@ def grpo_flags(root, out, steps):
 
 def test_grpo_raises_the_reward(colour_world, tmp_path):
     out = tmp_path / "run"
-    grpo.main(grpo_flags(colour_world, out, 30) + ["--save-every", "1000", "--eval-tasks",
+    # lr 1e-3: at 3e-3 the run is chaotic (a 1e-6 change in the kernel's rounding sent it to a
+    # policy that writes to the length limit, reward 0, after step 22)
+    grpo.main(grpo_flags(colour_world, out, 30) + ["--save-every", "1000", "--lr", "1e-3", "--eval-tasks",
                                                    str(colour_world / "tasks.jsonl"), "--eval-every", "15"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = [sum(r["reward"] for r in rows[a:b]) / (b - a) for a, b in [(0, 3), (27, 30)]]
