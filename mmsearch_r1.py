@@ -653,10 +653,10 @@ LOGIT_BUDGET = 1 << 25    # ... but at most this many floats of logits per chunk
 BLOCKED = -1e30      # logit of an id outside vocab_mask: exp() is exactly 0, and 0 * BLOCKED stays finite
 
 
-def _chunk_logits(h, weight, temperature, out, blocked=None, shift=None):
+def _chunk_logits(h, weight, temperature, out, blocked=None, shift=None, low=None):
     """(c, H) @ (V, H).T / T - shift[:, None] -> `out` (c, V), in out's dtype (fp32, or fp64 for
-    gradcheck), with the ids in `blocked` (LongTensor) set to BLOCKED. One reused buffer avoids a
-    fresh allocation (and its page faults) per chunk."""
+    gradcheck), with the ids in `blocked` (LongTensor) set to BLOCKED. Reused buffers (`out`, and
+    `low` in the inputs' dtype for bf16/fp16) avoid a fresh allocation (and its page faults) per chunk."""
     if h.dtype == out.dtype:   # 1/T and the shift ride on the GEMM (addmm's alpha, beta): no extra pass
         if shift is None:
             torch.mm(h, weight.t(), out=out) if temperature == 1.0 else \
@@ -664,7 +664,7 @@ def _chunk_logits(h, weight, temperature, out, blocked=None, shift=None):
         else:
             torch.addmm(shift[:, None].neg(), h, weight.t(), alpha=1 / temperature, out=out)
     else:   # bf16/fp16 GEMM, then upcast: the log-softmax itself is always done in fp32
-        out.copy_(h @ weight.t())
+        out.copy_(torch.mm(h, weight.t(), out=low))
         if temperature != 1.0:
             out.div_(temperature)
         if shift is not None:
@@ -686,9 +686,11 @@ class _TokenLogprobs(torch.autograd.Function):
         pw = hidden.new_empty((N, hidden.shape[1]) if frozen_w else (0,), dtype=acc)
         buf = hidden.new_empty((min(chunk_size, N), V), dtype=acc)            # (c, V) logits
         ebuf = torch.empty_like(buf) if with_entropy else None
+        low = None if hidden.dtype == acc else torch.empty_like(buf, dtype=hidden.dtype)
         for s in range(0, N, chunk_size):
             c = min(chunk_size, N - s)
-            z = _chunk_logits(hidden[s:s + c], weight, temperature, buf[:c], blocked)
+            lo = low[:c] if low is not None else None
+            z = _chunk_logits(hidden[s:s + c], weight, temperature, buf[:c], blocked, low=lo)
             target = z.gather(1, targets[s:s + c, None])[:, 0]
             m = z.amax(dim=-1, keepdim=True)                                    # (c, 1) for stability
             z.sub_(m)                                                           # z' = z - max
@@ -700,7 +702,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 ent[s:s + c] = total.log() - z.mul_(e).sum(-1) / total
             if frozen_w:       # p W, with p = e / total
                 p = e.div_(total[:, None])
-                pw[s:s + c] = p @ weight if weight.dtype == acc else (p.to(weight.dtype) @ weight).to(acc)
+                pw[s:s + c] = p @ weight if lo is None else (lo.copy_(p) @ weight).to(acc)
         ctx.save_for_backward(hidden, weight, targets, lse, ent, pw)
         ctx.blocked = blocked
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
@@ -722,17 +724,19 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         buf = hidden.new_empty((min(C, N), V), dtype=acc)
         pbuf = torch.empty_like(buf) if use_ent else None
+        low = None if hidden.dtype == acc else torch.empty_like(buf, dtype=hidden.dtype)
         for s in range(0, N, C):
             c = min(C, N - s)
             h, y, g = hidden[s:s + c].to(acc), targets[s:s + c], g_logp[s:s + c, None]
-            logp_all = _chunk_logits(hidden[s:s + c], weight, T, buf[:c], ctx.blocked, shift=lse[s:s + c])
+            lo = low[:c] if low is not None else None
+            logp_all = _chunk_logits(hidden[s:s + c], weight, T, buf[:c], ctx.blocked, shift=lse[s:s + c], low=lo)
             if use_ent:   # q = p (g + g_H (log p + H))
                 p = torch.exp(logp_all, out=pbuf[:c])
                 q, row = logp_all.add_(ent[s:s + c, None]).mul_(g_ent[s:s + c, None].to(acc)).add_(g).mul_(p), 1.0
             else:         # q = p g, with g applied to (c, H) tensors below: saves a pass over (c, V)
                 q, row = logp_all.exp_(), g
             if need_h:
-                qw = q @ weight if weight.dtype == acc else (q.to(weight.dtype) @ weight).to(acc)
+                qw = q @ weight if lo is None else (lo.copy_(q) @ weight).to(acc)
                 grad_h[s:s + c] = ((g * weight[y].to(acc) - row * qw) / T).to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(q.t(), row * h, alpha=-1 / T)
