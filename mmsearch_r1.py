@@ -650,7 +650,7 @@ def collate(policy, trajs):
 
 CHUNK_TOKENS = 512        # tokens per chunk: fewer, larger chunks mean fewer passes over W and dW ...
 LOGIT_BUDGET = 1 << 25    # ... but at most this many floats of logits per chunk (128 MB in fp32)
-BLOCKED = -1e30      # logit of an id outside vocab_mask: exp() is exactly 0, and 0 * BLOCKED stays finite
+BLOCKED = -1e30           # logit of an id outside vocab_mask: exp() is exactly 0, and 0 * BLOCKED stays finite
 
 
 def _chunk_logits(h, weight, temperature, out, blocked=None, shift=None, low=None):
@@ -715,7 +715,7 @@ class _TokenLogprobs(torch.autograd.Function):
         acc = lse.dtype
         N, V = hidden.shape[0], weight.shape[0]
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(acc)
-        use_ent = ctx.with_entropy and g_ent is not None
+        use_ent = ctx.with_entropy and g_ent is not None and bool(g_ent.any())   # entropy only logged: zeros
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if len(pw) and not use_ent:   # W frozen: dh = g (W[y] - p W) / T, from the forward's p W
             g = g_logp[:, None]
