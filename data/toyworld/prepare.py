@@ -74,6 +74,9 @@ def make_entities(n, rng):
     """n landmarks, each with its own picture (colours and shape), kind and facts."""
     looks = [(bg, fg, s) for bg in range(len(PALETTE)) for fg in range(len(PALETTE)) for s in range(len(SHAPES))
              if bg != fg]
+    if n > len(looks):
+        raise SystemExit(f"--entities {n}: the world has {len(looks)} distinct pictures (background, colour, "
+                         "shape); ask for at most that many landmarks")
     rng.shuffle(looks)
     entities, used = [], set()
     for i in range(n):
