@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 import mmsearch_r1 as core
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,3 +50,8 @@ def test_prepare_small_world(tmp_path):
         value, parts = core.reward(traj, tasks[record["id"].rsplit("_", 1)[0]] if record["id"] not in tasks
                                    else tasks[record["id"]])
         assert parts["correct"] == 1.0 and parts["format"] == 1.0
+
+
+def test_too_many_landmarks_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="distinct pictures"):
+        prepare_module().main(["--entities", "600", "--out", str(tmp_path)])
