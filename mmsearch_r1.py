@@ -727,7 +727,7 @@ class _TokenLogprobs(torch.autograd.Function):
         low = None if hidden.dtype == acc else torch.empty_like(buf, dtype=hidden.dtype)
         for s in range(0, N, C):
             c = min(C, N - s)
-            h, y, g = hidden[s:s + c].to(acc), targets[s:s + c], g_logp[s:s + c, None]
+            y, g = targets[s:s + c], g_logp[s:s + c, None]
             lo = low[:c] if low is not None else None
             logp_all = _chunk_logits(hidden[s:s + c], weight, T, buf[:c], ctx.blocked, shift=lse[s:s + c], low=lo)
             if use_ent:   # q = p (g + g_H (log p + H))
@@ -739,6 +739,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 qw = q @ weight if lo is None else (lo.copy_(q) @ weight).to(acc)
                 grad_h[s:s + c] = ((g * weight[y].to(acc) - row * qw) / T).to(hidden.dtype)
             if need_w:
+                h = hidden[s:s + c].to(acc)
                 grad_w.addmm_(q.t(), row * h, alpha=-1 / T)
                 grad_w.index_add_(0, y, g * h / T)
         grad_w = grad_w.to(weight.dtype) if need_w else None
