@@ -256,14 +256,15 @@ def load_policy(path, device=None, dtype=None, min_pixels=None, max_pixels=None,
 
 def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidden=64, layers=2,
                       heads=4, kv_heads=2, intermediate=None, vision_hidden=32, vision_depth=2,
-                      max_pixels=112 * 112, model_vocab=None, seed=0):
+                      max_pixels=112 * 112, model_vocab=None, tie_embeddings=False, seed=0):
     """Train a byte-level BPE tokenizer on `texts`, build a random tiny VLM of the real
     architecture (`family` = "qwen2_5_vl" or "qwen3_vl"), and save model, tokenizer and image
     processor with `save_pretrained`. Returns the folder; `load_policy(folder)` loads it back.
     The sizes default to a ~220K-parameter model; larger ones (e.g. Qwen2.5-VL-3B's shape for a
     benchmark: hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008,
     model_vocab=151936) work the same. model_vocab: output rows (default: the tokenizer's, rounded
-    up past it to a multiple of 64). The tags that are single tokens follow the family (ADDED_TAGS)."""
+    up past it to a multiple of 64). tie_embeddings: the output layer shares the input embedding,
+    as in Qwen2.5-VL-3B. The tags that are single tokens follow the family (ADDED_TAGS)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -324,7 +325,7 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
         vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                       num_heads=2, out_hidden_size=hidden, patch_size=patch, spatial_merge_size=2,
                       deepstack_visual_indexes=[0], num_position_embeddings=64)
-    config = Config(text_config=text, vision_config=vision, tie_word_embeddings=False, **token_ids)
+    config = Config(text_config=text, vision_config=vision, tie_word_embeddings=bool(tie_embeddings), **token_ids)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)
     model.generation_config.eos_token_id = [vocab["<|im_end|>"], vocab["<|endoftext|>"]]

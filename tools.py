@@ -1195,6 +1195,8 @@ def add_tool_arguments(ap):
     g.add_argument("--image-host-url", default=None, help="HTTP image search: public URL prefix of --image-host-dir")
     g.add_argument("--allow-private-urls", action="store_true", help="let visit open loopback/private addresses")
     g.add_argument("--k", type=int, default=5, help="results per search")
+    g.add_argument("--visit-chars", type=int, default=3000, help="visit keeps the passages most relevant to the goal "
+                   "within this many characters")
     g.add_argument("--cache", default="runs/tool_cache.sqlite", help="SQLite cache of tool results ('' to disable)")
     g.add_argument("--cache-only", action="store_true", help="replay mode: a cache miss is an error observation")
     g.add_argument("--cache-max-age", type=float, default=None, help="ignore cache entries older than this (s)")
@@ -1236,4 +1238,4 @@ def toolbox_from_args(args, convention, shown_size):
         raise SystemExit(str(e)) from None
     return Toolbox(text_search=text, image_search=image, pages=pages, cache=cache_from_args(args),
                    convention=convention, shown_size=shown_size, k=args.k, grounder=grounder,
-                   multi_box=args.multi_box, summarizer=summarizer)
+                   visit_chars=args.visit_chars, multi_box=args.multi_box, summarizer=summarizer)

@@ -134,7 +134,7 @@ def toy_grpo_steps(run, steps):
                "--tasks", world / "train.jsonl", "--out", tmp, "--steps", steps, "--lr", "3e-4", "--temperature", "0.7",
                "--tasks-per-step", "8", "--group-size", "8", "--rollout-batch", "64", "--quiet",
                "--backend", "local", "--corpus", world / "corpus.jsonl", "--image-index", world / "images.jsonl",
-               "--k", "5", "--cache", "", "--max-turns", "4", "--max-new-tokens", "96", "--max-context", "4096",
+               "--k", "5", "--visit-chars", "60", "--cache", "", "--max-turns", "4", "--max-new-tokens", "96", "--max-context", "4096",
                "--system", (world / "system.txt").read_text(encoding="utf-8")]
         out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=root)
         if out.returncode:

@@ -1,4 +1,5 @@
 """tools.py: parsing, crop, local and HTTP search (against a loopback server), visit, cache, Toolbox."""
+import argparse
 import json
 import math
 import socket
@@ -637,3 +638,18 @@ def test_calls_still_queued_at_the_timeout_never_run():
     obs = box.run([{"name": "text_search", "arguments": {"query": str(i)}} for i in range(8)], [grid_image()])
     time.sleep(0.8)                                  # long enough for a queued call to have started
     assert obs.errors == 8 and len(started) == 2     # the 6 queued calls were cancelled
+
+
+def test_visit_chars_flag_keeps_the_passage_for_the_goal(tmp_path):
+    page = {"id": "1", "title": "Kalomi Tower", "url": "http://local/4821",
+            "text": "It was designed by the architect Ren Vor.\n\nConstruction was completed in 1672.\n\n"
+                    "The tower is lit at night and appears on local postcards."}
+    ap = argparse.ArgumentParser()
+    tools.add_tool_arguments(ap)
+    corpus = str(write_jsonl(tmp_path / "corpus.jsonl", [page]))
+    for flags, kept in [([], 3), (["--visit-chars", "60"], 1)]:
+        box = tools.toolbox_from_args(ap.parse_args(["--corpus", corpus, "--cache", "", *flags]), "abs", None)
+        calls, errors = parse_tool_calls('<tool_call>{"name": "visit", "arguments": {"url": "http://local/4821", '
+                                         '"goal": "when was it completed"}}</tool_call>')
+        text = box.run(calls, [], errors).responses[0][0]["text"]
+        assert "completed in 1672" in text and len(text.split("\n\n")) - 1 == kept, text

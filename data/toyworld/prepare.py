@@ -17,10 +17,17 @@ The oracle that writes the SFT data knows every landmark. On a share of the know
 (--direct, default half) it answers from that knowledge without searching, as a strong model
 that recognises famous landmarks would (MMSearch-R1's on-demand search); on the rest it searches,
 opens the top hit and copies the year. Every oracle trajectory ends with the right answer. The
-policy learns both habits in SFT, but a 220K-parameter model cannot remember 160 landmarks'
+policy learns both habits in SFT, but a 600K-parameter model cannot remember 160 landmarks'
 years: when to search is the decision left for GRPO to learn from the reward, and the one the
 papers report RL learning. Test scenes are never seen in training, and a share of the landmarks
-(--unseen) appear only in test questions. Writes to --out:
+(--unseen) appear only in test questions.
+
+Made so that a tiny model can use the tools it is shown: what it must copy out of a tool's answer
+is digits, which it learns to copy in minutes, while made-up names it only learns to recite from
+memory (seen on seed 1's SFT model, sampled: with /wiki/<name> URLs, 8 of 192 visits opened a
+listed page; with numbered ones, 130 of 138 opened the top hit as taught). So a page's
+URL is a number (http://toyworld.local/page/4821), and `visit` keeps only the sentence that
+answers the oracle's goal (--visit-chars), as the papers' page summarizer does. Writes to --out:
 
     images/            landmark pictures and question scenes (PNG)
     corpus.jsonl       the pages: id, title, url, text (the local text search and page store)
@@ -30,7 +37,8 @@ papers report RL learning. Test scenes are never seen in training, and a share o
     sft.jsonl          oracle trajectories for train tasks, made by forcing the oracle's text
                        through the real rollout loop and tools (kept where the answer is right)
     system.txt         the world's short system prompt (used by the SFT data, eval and GRPO)
-    model/             a tiny random Qwen2.5-VL and its BPE tokenizer (build_tiny_policy)
+    model/             a tiny random Qwen2.5-VL (2 layers, hidden 128, tied embeddings) and its BPE
+                       tokenizer (build_tiny_policy)
 """
 import argparse
 import json
@@ -54,9 +62,10 @@ QUESTIONS = {"visual": "What shape is drawn on this {kind}?",
              "whole": "In what year was this {kind} completed?",
              "crop": "In what year was the {kind} in the {corner} corner of the image completed?"}
 TILE, SCENE, MARGIN = 64, (224, 160), 8
-URL = "http://toyworld.local/wiki/{slug}"
+URL = "http://toyworld.local/page/{page}"
+GOAL = "when was it completed"   # the oracle's visit goal: visit keeps the sentence that answers it
 # The world's system prompt, short: the full tools prompt (core.system_prompt, ~400 tokens of this
-# tokenizer) would be most of every row, and a 220K-parameter model trained for minutes on a CPU
+# tokenizer) would be most of every row, and a tiny model trained for minutes on a CPU
 # learns to read the question far faster without it. Written to system.txt; the main command
 # passes it to every stage.
 SYSTEM = ("Answer the question about the image. Think inside <think>...</think>, then call one tool inside "
@@ -78,6 +87,7 @@ def make_entities(n, rng):
         raise SystemExit(f"--entities {n}: the world has {len(looks)} distinct pictures (background, colour, "
                          "shape); ask for at most that many landmarks")
     rng.shuffle(looks)
+    pages = rng.sample(range(1000, 10000), n)   # page ids: a URL the policy copies digit by digit
     entities, used = [], set()
     for i in range(n):
         title = name(rng)
@@ -88,7 +98,7 @@ def make_entities(n, rng):
         entities.append({"title": f"{title} {kind.capitalize()}", "kind": kind, "look": looks[i],
                          "shape": SHAPES[looks[i][2]], "city": f"{name(rng)}ville",
                          "architect": f"{name(rng)} {name(rng)}", "year": str(rng.randint(1200, 2020)),
-                         "slug": f"{title.lower()}_{kind}"})
+                         "page": pages[i]})
     return entities
 
 
@@ -180,9 +190,9 @@ def oracle_turns(task, e, hits, bbox, by_url):
     turns.append(f"<think>I do not know this {e['kind']}. I will search for the image.</think>\n"
                  + call("image_search", {"image": image}))
     top = hits[0]
-    turns.append(f"<think>The top result is the {top['title']}. I will read its page.</think>\n"
-                 + call("visit", {"url": top["url"], "goal": "year"}))
-    turns.append(f"<think>The page says when it was completed.</think>\n<answer>{by_url[top['url']]['year']}</answer>")
+    year = by_url[top["url"]]["year"]
+    turns.append("<think>I will read the top result's page.</think>\n" + call("visit", {"url": top["url"], "goal": GOAL}))
+    turns.append(f"<think>The page says: Construction was completed in {year}.</think>\n<answer>{year}</answer>")
     return turns
 
 
@@ -198,7 +208,10 @@ def main(argv=None):
     ap.add_argument("--direct", type=float, default=0.5,
                     help="share of knowledge questions the oracle answers from memory, without searching")
     ap.add_argument("--k", type=int, default=5, help="image search results the oracle sees (use the same --k in eval and GRPO)")
+    ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
+                    "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
     ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tiny tokenizer")
+    ap.add_argument("--hidden", type=int, default=128, help="tiny model's width (2 layers)")
     ap.add_argument("--max-pixels", type=int, default=224 * 168, help="tiny model's image budget (pixels)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (the world is deterministic)")
     args = ap.parse_args(argv)
@@ -211,9 +224,9 @@ def main(argv=None):
     corpus, index = [], []
     for i, e in enumerate(entities):
         draw_entity(e["look"]).save(out / "images" / f"entity_{i:03d}.png")
-        corpus.append({"id": str(i), "title": e["title"], "url": URL.format(slug=e["slug"]),
+        corpus.append({"id": str(i), "title": e["title"], "url": URL.format(page=e["page"]),
                        "text": page_text(e, rng, entities[:i] + entities[i + 1:])})
-        index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(slug=e["slug"]),
+        index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(page=e["page"]),
                       "snippet": f"{e['title']}, a {e['kind']} in {e['city']}."})
     write_jsonl(out / "corpus.jsonl", corpus)
     write_jsonl(out / "images.jsonl", index)
@@ -241,18 +254,19 @@ def main(argv=None):
     texts = [d["text"] for d in corpus] + [t["question"] for t in tasks] + [json.dumps(h) for h in index]
     texts += [SYSTEM] * 20
     (out / "system.txt").write_text(SYSTEM, encoding="utf-8")
-    texts += [f"<think>The top result is the {e['title']}. I will read its page.</think>\n" +
-              core.format_tool_call("visit", {"url": URL.format(slug=e["slug"]), "goal": "year"}) for e in entities]
-    core.build_tiny_policy(out / "model", texts, vocab_size=args.vocab, max_pixels=args.max_pixels)
+    texts += [core.format_tool_call("visit", {"url": URL.format(page=e["page"]), "goal": GOAL}) for e in entities]
+    core.build_tiny_policy(out / "model", texts, vocab_size=args.vocab, hidden=args.hidden, max_pixels=args.max_pixels,
+                           tie_embeddings=True)   # as small Qwen models do
     policy = core.load_policy(out / "model")
 
     # 4. oracle trajectories through the real loop and tools, kept where the answer is right
     text = tools.LocalTextSearch(out / "corpus.jsonl")
     image_search = tools.LocalImageSearch(out / "images.jsonl")
     toolbox = tools.Toolbox(text_search=text, image_search=image_search, pages=text,
-                            convention=policy.crop_convention, shown_size=policy.shown_size, k=args.k)
+                            convention=policy.crop_convention, shown_size=policy.shown_size, k=args.k,
+                            visit_chars=args.visit_chars)
     rows = [dict(t, _root=str(out)) for t in train]
-    scripts, by_url = {}, {URL.format(slug=e["slug"]): e for e in entities}
+    scripts, by_url = {}, {URL.format(page=e["page"]): e for e in entities}
     for task in rows:   # the oracle sees what the tools will return: the same crop, the same search
         image = core.load_image(out / task["image"])
         bbox = oracle_box(task, policy.crop_convention, policy.shown_size(image)) if task["type"] == "crop" else None

@@ -37,6 +37,9 @@ def parse_args(argv=None):
     ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO optimizer steps")
     ap.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
+    ap.add_argument("--k", type=int, default=5, help="image search results shown (the oracle's and the policy's)")
+    ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps this many characters of a page")
+    ap.add_argument("--world-args", default="", help="extra flags for prepare.py, e.g. '--direct 0.2'")
     ap.add_argument("--grpo-args", default="", help="extra flags for train_grpo.py (ablations), e.g. '--advantage grpo'")
     args = ap.parse_args(argv)
     args.sft_steps = args.sft_steps or (60 if args.fast else 1000)
@@ -133,10 +136,12 @@ def main(argv=None):
     t_start = time.time()
     size = ["--entities", "40", "--tasks", "240"] if args.fast else []
     if not (world / "sft.jsonl").exists():
-        run("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, *size], log)
+        run("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, "--k", args.k,
+                     "--visit-chars", args.visit_chars, *size,
+                     *args.world_args.split()], log)
     system = ["--system", (world / "system.txt").read_text(encoding="utf-8")]
     tool_flags = ["--backend", "local", "--corpus", world / "corpus.jsonl", "--image-index", world / "images.jsonl",
-                  "--k", "5", "--cache", "", "--max-turns", "4", "--max-new-tokens", "96", "--max-context", "4096"]
+                  "--k", args.k, "--visit-chars", args.visit_chars, "--cache", "", "--max-turns", "4", "--max-new-tokens", "96", "--max-context", "4096"]
 
     def evaluate(stage, model):
         for suffix, extra in [("", ["--html", out / f"eval_{stage}" / "report.html", *system]), ("_notools", ["--no-tools"])]:
