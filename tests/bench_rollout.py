@@ -229,5 +229,6 @@ def main():
                 r = batching(policy, box, tasks, args.rows, **kw)
                 print(f"| {label} | {r['ex_s']:.1f} | {r['idle']:.0%} | {r['idle_decode']:.0%} | {r['calls']} |", flush=True)
 
+
 if __name__ == "__main__":
     main()

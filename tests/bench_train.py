@@ -126,16 +126,18 @@ def grpo_worker(config, device, repeats):
 
 
 def toy_grpo_steps(run, steps):
-    """train_grpo.py as the main command runs it (8 tasks x 8 samples, tools, T 0.7), from RUN's SFT
-    model for `steps` steps in a temporary folder: its metrics lines."""
+    """train_grpo.py as the main command runs it (8 tasks x 8 samples, tools, T 0.7; the tool limits
+    RUN's GRPO used), from RUN's SFT model for `steps` steps in a temporary folder: its metrics lines."""
     world, root = Path(run) / "world", Path(__file__).resolve().parents[1]
+    used = json.loads((Path(run) / "grpo" / "args.json").read_text())   # the run's own tool settings
+    tool = [f"--{k.replace('_', '-')}={used[k]}" for k in ("k", "visit_chars", "max_turns", "max_new_tokens",
+                                                           "max_context") if k in used]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, root / "train_grpo.py", "--model", Path(run) / "sft" / "final",
                "--tasks", world / "train.jsonl", "--out", tmp, "--steps", steps, "--lr", "3e-4", "--temperature", "0.7",
                "--tasks-per-step", "8", "--group-size", "8", "--rollout-batch", "64", "--quiet",
                "--backend", "local", "--corpus", world / "corpus.jsonl", "--image-index", world / "images.jsonl",
-               "--k", "5", "--visit-chars", "60", "--cache", "", "--max-turns", "4", "--max-new-tokens", "96", "--max-context", "4096",
-               "--system", (world / "system.txt").read_text(encoding="utf-8")]
+               "--cache", "", *tool, "--system", (world / "system.txt").read_text(encoding="utf-8")]
         out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=root)
         if out.returncode:
             raise SystemExit(f"train_grpo.py failed: {out.stderr.strip()[-800:]}")

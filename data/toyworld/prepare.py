@@ -25,10 +25,10 @@ papers report RL learning. Test scenes are never seen in training, and a share o
 Made so that a tiny model can use the tools it is shown: what it must copy out of a tool's answer
 is digits, which it learns to copy in minutes, while made-up names it only learns to recite from
 memory (seen on seed 1's SFT model, sampled: with /wiki/<name> URLs, 8 of 192 visits opened a
-listed page; with numbered ones, 130 of 138 opened the top hit as taught, though how often
-SFT teaches the copy varies from run to run: see the README). So a page's
-URL is a number (http://toyworld.local/page/4821), and `visit` keeps only the sentence that
-answers the oracle's goal (--visit-chars), as the papers' page summarizer does. Writes to --out:
+listed page; with numbered ones, 130 of 138 opened the top hit as taught, though how often SFT
+teaches the copy varies from run to run: see the README). So a page's URL is a number
+(http://toyworld.local/page/4821), and `visit` keeps only the sentence that answers the oracle's
+goal (--visit-chars), as the papers' page summarizer does. Writes to --out:
 
     images/            landmark pictures and question scenes (PNG)
     corpus.jsonl       the pages: id, title, url, text (the local text search and page store)

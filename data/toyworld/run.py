@@ -137,11 +137,11 @@ def main(argv=None):
     size = ["--entities", "40", "--tasks", "240"] if args.fast else []
     if not (world / "sft.jsonl").exists():
         run("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, "--k", args.k,
-                     "--visit-chars", args.visit_chars, *size,
-                     *args.world_args.split()], log)
+                      "--visit-chars", args.visit_chars, *size, *args.world_args.split()], log)
     system = ["--system", (world / "system.txt").read_text(encoding="utf-8")]
     tool_flags = ["--backend", "local", "--corpus", world / "corpus.jsonl", "--image-index", world / "images.jsonl",
-                  "--k", args.k, "--visit-chars", args.visit_chars, "--cache", "", "--max-turns", "4", "--max-new-tokens", "96", "--max-context", "4096"]
+                  "--k", args.k, "--visit-chars", args.visit_chars, "--cache", "", "--max-turns", "4",
+                  "--max-new-tokens", "96", "--max-context", "4096"]
 
     def evaluate(stage, model):
         for suffix, extra in [("", ["--html", out / f"eval_{stage}" / "report.html", *system]), ("_notools", ["--no-tools"])]:
