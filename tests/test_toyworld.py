@@ -48,7 +48,7 @@ def test_prepare_small_world(tmp_path):
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight   # tied, after a reload
     visits = [m["content"][0]["text"] for r in core.load_jsonl(out / "sft.jsonl") for m in r["messages"]
               if m["role"] == "tool" and m["content"][0].get("text", "").startswith("visit")]
-    assert visits and all(re.search(r"URL: http://toyworld.local/page/\d{4}\n\nConstruction was completed in "
+    assert visits and all(re.search(r"URL: http://toyworld.local/page/\d{3}\n\nConstruction was completed in "
                                     r"\d{4}\.$", v) for v in visits)   # a numbered page, the goal's sentence only
     tasks = {t["id"]: t for t in core.load_jsonl(out / "train.jsonl")}
     for record in core.load_jsonl(out / "sft.jsonl"):

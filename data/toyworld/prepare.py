@@ -10,8 +10,8 @@ image-search index whose title names its kind ("Kalomi Tower"). Questions, tagge
     visual   one landmark fills the image; "What shape is drawn on this tower?"   (no search needed)
     whole    one landmark fills the image; "In what year was this tower completed?"
              (image_search on the image -> visit -> answer)
-    crop     two to four landmarks in the corners; "In what year was the gate in the top-left
-             corner completed?"  (crop the corner -> image_search on the crop -> visit -> answer)
+    crop     two to four landmarks in the corners; "In what year was the gate in the image's
+             top-left corner completed?"  (crop the corner -> image_search on the crop -> visit -> answer)
 
 The oracle that writes the SFT data knows every landmark. On a share of the knowledge questions
 (--direct, default half) it answers from that knowledge without searching, as a strong model
@@ -22,13 +22,16 @@ years: when to search is the decision left for GRPO to learn from the reward, an
 papers report RL learning. Test scenes are never seen in training, and a share of the landmarks
 (--unseen) appear only in test questions.
 
-Made so that a tiny model can use the tools it is shown: what it must copy out of a tool's answer
-is digits, which it learns to copy in minutes, while made-up names it only learns to recite from
-memory (seen on seed 1's SFT model, sampled: with /wiki/<name> URLs, 8 of 192 visits opened a
-listed page; with numbered ones, 130 of 138 opened the top hit as taught, though how often SFT
-teaches the copy varies from run to run: see the README). So a page's URL is a number
-(http://toyworld.local/page/4821), and `visit` keeps only the sentence that answers the oracle's
-goal (--visit-chars), as the papers' page summarizer does. Writes to --out:
+Made so that a tiny model can copy what it needs out of a tool's answer (a 2-layer model copies
+the way an induction head does, we believe: find the token before the one to copy elsewhere in the
+context, take the token after it; so that token should be rare there). README has the measurements:
+- what it copies is digits, not made-up names: a page's URL is a short number
+  (http://toyworld.local/page/482) and the image search shows --k 3 results, so the id to copy
+  appears among few others; `visit` keeps only the sentence that answers the oracle's goal
+  (--visit-chars), as the papers' page summarizer does, so the year is the page's only number;
+- the words before a copy are rare in the context: the corner follows "image's", and the
+  memory answers' thinks do not say "completed in", the words before the year that the search
+  path's think copies from the page. Writes to --out:
 
     images/            landmark pictures and question scenes (PNG)
     corpus.jsonl       the pages: id, title, url, text (the local text search and page store)
@@ -61,7 +64,7 @@ PALETTE = [(220, 40, 40), (40, 170, 70), (40, 80, 220), (230, 190, 40), (150, 60
 CORNERS = {"top-left": (0, 0), "top-right": (1, 0), "bottom-left": (0, 1), "bottom-right": (1, 1)}
 QUESTIONS = {"visual": "What shape is drawn on this {kind}?",
              "whole": "In what year was this {kind} completed?",
-             "crop": "In what year was the {kind} in the {corner} corner of the image completed?"}
+             "crop": "In what year was the {kind} in the image's {corner} corner completed?"}
 TILE, SCENE, MARGIN = 64, (224, 160), 8
 URL = "http://toyworld.local/page/{page}"
 GOAL = "when was it completed"   # the oracle's visit goal: visit keeps the sentence that answers it
@@ -88,7 +91,7 @@ def make_entities(n, rng):
         raise SystemExit(f"--entities {n}: the world has {len(looks)} distinct pictures (background, colour, "
                          "shape); ask for at most that many landmarks")
     rng.shuffle(looks)
-    pages = rng.sample(range(1000, 10000), n)   # page ids: a URL the policy copies digit by digit
+    pages = rng.sample(range(100, 1000), n)   # page ids: a URL the policy copies digit by digit
     entities, used = [], set()
     for i in range(n):
         title = name(rng)
@@ -181,18 +184,17 @@ def oracle_turns(task, e, hits, bbox, by_url):
     if task["type"] == "visual":
         return [f"<think>I can see the {e['kind']}: it shows a {e['shape']}.</think>\n<answer>{e['shape']}</answer>"]
     if task["direct"]:
-        return [f"<think>I know this {e['kind']}: it is the {e['title']}, completed in {e['year']}.</think>\n"
-                f"<answer>{e['year']}</answer>"]
+        return [f"<think>I know this {e['kind']}: it is the {e['title']}.</think>\n<answer>{e['year']}</answer>"]
     turns = []
     if task["type"] == "crop":
-        turns.append(f"<think>The question is about the {task['corner']} corner. I will zoom in there.</think>\n"
+        turns.append(f"<think>The question is about the image's {task['corner']} corner. I will zoom in there.</think>\n"
                      + call("crop", {"image": 0, "bbox_2d": bbox}))
     image = 1 if task["type"] == "crop" else 0
     turns.append(f"<think>I do not know this {e['kind']}. I will search for the image.</think>\n"
                  + call("image_search", {"image": image}))
     top = hits[0]
     year = by_url[top["url"]]["year"]
-    turns.append("<think>I will read the top result's page.</think>\n" + call("visit", {"url": top["url"], "goal": GOAL}))
+    turns.append("<think>I will read the top result.</think>\n" + call("visit", {"url": top["url"], "goal": GOAL}))
     turns.append(f"<think>The page says: Construction was completed in {year}.</think>\n<answer>{year}</answer>")
     return turns
 
@@ -208,7 +210,7 @@ def main(argv=None):
     ap.add_argument("--mix", default="visual:0.2,whole:0.3,crop:0.5", help="question types and their shares")
     ap.add_argument("--direct", type=float, default=0.5,
                     help="share of knowledge questions the oracle answers from memory, without searching")
-    ap.add_argument("--k", type=int, default=5, help="image search results the oracle sees (use the same --k in eval and GRPO)")
+    ap.add_argument("--k", type=int, default=3, help="image search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
     ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tiny tokenizer")

@@ -37,7 +37,7 @@ def parse_args(argv=None):
     ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO optimizer steps")
     ap.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
-    ap.add_argument("--k", type=int, default=5, help="image search results shown (the oracle's and the policy's)")
+    ap.add_argument("--k", type=int, default=3, help="image search results shown (the oracle's and the policy's)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps this many characters of a page")
     ap.add_argument("--world-args", default="", help="extra flags for prepare.py, e.g. '--direct 0.2'")
     ap.add_argument("--grpo-args", default="", help="extra flags for train_grpo.py (ablations), e.g. '--advantage grpo'")
