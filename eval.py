@@ -104,7 +104,7 @@ def read_results(path):
 
 RUN_SETTINGS = ("model", "data", "n", "temperature", "top_p", "top_k", "max_turns", "max_new_tokens", "max_context", "max_images", "no_tools", "system",
                 "backend", "corpus", "image_index", "k", "metric", "judge_model", "seed", "limit", "min_pixels",
-                "max_pixels", "crop_max_pixels", "allow_private_urls")
+                "max_pixels", "crop_max_pixels", "crop_upscale", "visit_chars", "allow_private_urls")
 
 
 def check_args(args):

@@ -1203,6 +1203,8 @@ def add_tool_arguments(ap):
     g.add_argument("--grounding-model", default=None, help="crop/image_search by description: a zero-shot object "
                    "detector (Grounding DINO, OWLv2) hub id or folder; off by default")
     g.add_argument("--grounding-threshold", type=float, default=0.3, help="lowest detector score accepted")
+    g.add_argument("--crop-upscale", type=int, default=CropSettings.upscale_to,
+                   help="crops shorter than this (pixels) are upscaled to it before the model sees them")
     g.add_argument("--multi-box", action="store_true", help="image_search takes a list of boxes (results per box)")
     g.add_argument("--visit-summarizer", default=None, help="visit returns an LLM's summary for the goal: an "
                    "OpenAI-compatible base URL (or $SUMMARIZER_BASE_URL); key from $SUMMARIZER_API_KEY")
@@ -1238,4 +1240,5 @@ def toolbox_from_args(args, convention, shown_size):
         raise SystemExit(str(e)) from None
     return Toolbox(text_search=text, image_search=image, pages=pages, cache=cache_from_args(args),
                    convention=convention, shown_size=shown_size, k=args.k, grounder=grounder,
-                   visit_chars=args.visit_chars, multi_box=args.multi_box, summarizer=summarizer)
+                   visit_chars=args.visit_chars, multi_box=args.multi_box, summarizer=summarizer,
+                   crop_settings=CropSettings(upscale_to=args.crop_upscale))

@@ -653,3 +653,16 @@ def test_visit_chars_flag_keeps_the_passage_for_the_goal(tmp_path):
                                          '"goal": "when was it completed"}}</tool_call>')
         text = box.run(calls, [], errors).responses[0][0]["text"]
         assert "completed in 1672" in text and len(text.split("\n\n")) - 1 == kept, text
+
+
+def test_crop_upscale_flag_sets_the_size_the_model_sees(tmp_path):
+    ap = argparse.ArgumentParser()
+    tools.add_tool_arguments(ap)
+    corpus = str(write_jsonl(tmp_path / "corpus.jsonl", [{"id": "1", "title": "t", "url": "http://local/1", "text": "x"}]))
+    image = Image.new("RGB", (200, 100), "white")
+    for flags, side in [([], 224), (["--crop-upscale", "112"], 112)]:
+        box = tools.toolbox_from_args(ap.parse_args(["--corpus", corpus, "--cache", "", *flags]), "abs", None)
+        calls, errors = parse_tool_calls('<tool_call>{"name": "crop", "arguments": {"image": 0, "bbox_2d": [0, 0, 50, 50]}}'
+                                         '</tool_call>')
+        obs = box.run(calls, [image], errors)
+        assert [im.size for im in obs.images] == [(side, side)]

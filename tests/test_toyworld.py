@@ -11,6 +11,7 @@ import pytest
 import mmsearch_r1 as core
 
 ROOT = Path(__file__).resolve().parents[1]
+RICH = "visual:0.15,whole:0.25,crop:0.3,twohop:0.15,hard:0.15"   # every question type (README: the richer world)
 
 
 def prepare_module():
@@ -27,38 +28,55 @@ def digest(folder):
 
 def test_prepare_small_world(tmp_path):
     prepare = prepare_module()
-    flags = ["--entities", "24", "--tasks", "90", "--vocab", "600"]
+    flags = ["--entities", "30", "--tasks", "120", "--vocab", "600", "--mix", RICH]
     stats = prepare.main(["--out", str(tmp_path / "a"), *flags])
-    assert (stats["train"], stats["val"], stats["test"]) == (68, 4, 18)
-    visual, whole, crop = (stats["oracle"][k] for k in ("visual", "whole", "crop"))
-    assert visual[0] == visual[1] > 0 and whole[0] == whole[1] > 0   # from the image; the top hit is right
-    assert 0.9 * crop[1] <= crop[0] <= crop[1]             # the fixed corner box finds it (almost) always
-    assert 0 < stats["direct"] < whole[1] + crop[1]        # some knowledge questions answered from memory
-    assert stats["sft"] == visual[0] + whole[0] + crop[0]
+    assert (stats["train"], stats["val"], stats["test"]) == (90, 6, 24)
+    oracle = stats["oracle"]
+    assert set(oracle) == {"visual", "whole", "crop", "twohop", "hard"}
+    for kind in ("visual", "whole", "twohop"):   # from the image; the top hit is right
+        assert oracle[kind][0] == oracle[kind][1] > 0, kind
+    for kind in ("crop", "hard"):                 # the fixed corner box finds it (almost) always
+        assert 0.8 * oracle[kind][1] <= oracle[kind][0] <= oracle[kind][1], kind
+    assert 0 < stats["direct"] < sum(oracle[k][1] for k in ("whole", "crop", "twohop"))   # some from memory
+    assert stats["sft"] == sum(a for a, _ in oracle.values())
+    assert 0 < stats["recovered"] < oracle["hard"][0]     # some hard trajectories recover from a wrong crop
+    assert 0 < stats["expert"] <= oracle["hard"][1]
     out = tmp_path / "a"
     for split in ("train", "val", "test"):
         types = {json.loads(line)["type"] for line in (out / f"{split}.jsonl").read_text().splitlines()}
-        assert types == {"visual", "whole", "crop"}, split
+        assert types == set(oracle), split
     # deterministic for a seed
     prepare.main(["--out", str(tmp_path / "b"), *flags])
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
-    # every oracle trajectory replays, through the chat format, to the right answer
+    # every oracle and expert trajectory replays, through the chat format, to the right answer
     policy = core.load_policy(out / "model")
     model = policy.model
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight   # tied, after a reload
-    visits = [m["content"][0]["text"] for r in core.load_jsonl(out / "sft.jsonl") for m in r["messages"]
+    sft, expert = core.load_jsonl(out / "sft.jsonl"), core.load_jsonl(out / "expert.jsonl")
+    visits = [m["content"][0]["text"] for r in sft for m in r["messages"]
               if m["role"] == "tool" and m["content"][0].get("text", "").startswith("visit")]
-    assert visits and all(re.search(r"URL: http://toyworld.local/page/\d{3}\n\nConstruction was completed in "
-                                    r"\d{4}\.$", v) for v in visits)   # a numbered page, the goal's sentence only
+    assert visits and all(re.search(r"URL: http://toyworld.local/page/\d{3}\n\n(Construction was completed in "
+                                    r"\d{4}|Its twin is the \w+ \w+)\.$", v) for v in visits)   # the goal's sentence only
     tasks = {t["id"]: t for t in core.load_jsonl(out / "train.jsonl")}
-    for record in core.load_jsonl(out / "sft.jsonl"):
+    for record in sft + expert:
         assert core.check_trajectory_record(record) is None
         traj = core.trajectory_from_record(policy, record, out)
-        value, parts = core.reward(traj, tasks[record["id"].rsplit("_", 1)[0]] if record["id"] not in tasks
-                                   else tasks[record["id"]])
+        value, parts = core.reward(traj, tasks[record["id"]])
         assert parts["correct"] == 1.0 and parts["format"] == 1.0
+    calls = [[m["content"] for m in r["messages"] if m["role"] == "assistant"] for r in expert]
+    assert all(tasks[r["id"]]["type"] == "hard" for r in expert)
+    assert all(sum('"name": "crop"' in c for c in turns) == 1 for turns in calls)   # the expert crops the right corner
+    twohop = [r for r in sft if tasks[r["id"]]["type"] == "twohop" and len(r["messages"]) > 3]
+    assert twohop and all('"name": "text_search"' in str(r["messages"]) for r in twohop)
 
 
 def test_too_many_landmarks_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="distinct pictures"):
         prepare_module().main(["--entities", "600", "--out", str(tmp_path)])
+
+
+def test_unknown_question_type_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="unknown question type"):
+        prepare_module().main(["--mix", "visual:0.5,riddle:0.5", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="type:share pairs"):
+        prepare_module().main(["--mix", "visual", "--out", str(tmp_path)])

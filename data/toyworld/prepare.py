@@ -64,10 +64,13 @@ PALETTE = [(220, 40, 40), (40, 170, 70), (40, 80, 220), (230, 190, 40), (150, 60
 CORNERS = {"top-left": (0, 0), "top-right": (1, 0), "bottom-left": (0, 1), "bottom-right": (1, 1)}
 QUESTIONS = {"visual": "What shape is drawn on this {kind}?",
              "whole": "In what year was this {kind} completed?",
-             "crop": "In what year was the {kind} in the image's {corner} corner completed?"}
+             "crop": "In what year was the {kind} in the image's {corner} corner completed?",
+             "twohop": "In what year was the twin of this {kind} completed?",
+             "hard": "In what year was the {kind} in this image completed?"}
 TILE, SCENE, MARGIN = 64, (224, 160), 8
 URL = "http://toyworld.local/page/{page}"
 GOAL = "when was it completed"   # the oracle's visit goal: visit keeps the sentence that answers it
+TWIN_GOAL = "its twin"           # the first visit of a two-hop question keeps "Its twin is the X."
 # The world's system prompt, short: the full tools prompt (core.system_prompt, ~400 tokens of this
 # tokenizer) would be most of every row, and a tiny model trained for minutes on a CPU
 # learns to read the question far faster without it. Written to system.txt; the main command
@@ -83,8 +86,9 @@ def name(rng, parts=2):
     return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
 
 
-def make_entities(n, rng):
-    """n landmarks, each with its own picture (colours and shape), kind and facts."""
+def make_entities(n, rng, twins=False):
+    """n landmarks, each with its own picture (colours and shape), kind and facts; with `twins`,
+    each also names another landmark as its twin (what a two-hop question asks about)."""
     looks = [(bg, fg, s) for bg in range(len(PALETTE)) for fg in range(len(PALETTE)) for s in range(len(SHAPES))
              if bg != fg]
     if n > len(looks):
@@ -103,6 +107,8 @@ def make_entities(n, rng):
                          "shape": SHAPES[looks[i][2]], "city": f"{name(rng)}ville",
                          "architect": f"{name(rng)} {name(rng)}", "year": str(rng.randint(1200, 2020)),
                          "page": pages[i]})
+    for i, e in enumerate(entities if twins else []):
+        e["twin"] = rng.choice([j for j in range(n) if j != i])
     return entities
 
 
@@ -127,10 +133,10 @@ def draw_entity(look, size=TILE):
     return img if size == TILE else img.resize((size, size), Image.NEAREST)
 
 
-def page_text(e, rng, others):
+def page_text(e, rng, others, twin=None):
     facts = [f"The {e['title']} is a {e['kind']} in {e['city']}.",
              f"It was designed by the architect {e['architect']}.",
-             f"Construction was completed in {e['year']}."]
+             f"Construction was completed in {e['year']}."] + ([f"Its twin is the {twin['title']}."] if twin else [])
     filler = [f"Visitors often compare it with the {o['title']} in {o['city']}." for o in rng.sample(others, 2)]
     filler.append(f"The {e['kind']} is lit at night and appears on local postcards.")
     paragraphs = facts + filler
@@ -147,54 +153,97 @@ def corner_box(corner):
 
 
 def make_task(t, kind_of_task, entities, pool, rng, out):
-    """One question with its image: a scene for `crop`, the landmark's picture for `visual`/`whole`."""
-    if kind_of_task == "crop":
-        corners = rng.sample(list(CORNERS), rng.randint(2, 4))
-        members = rng.sample(pool, len(corners))
+    """One question with its image: a scene of corner landmarks for `crop` and `hard`, the
+    landmark's picture for the others."""
+    corner = None
+    if kind_of_task in ("crop", "hard"):
+        if kind_of_task == "crop":   # two to four landmarks, full size; the question names the corner
+            corners = rng.sample(list(CORNERS), rng.randint(2, 4))
+            members = rng.sample(pool, len(corners))
+        else:   # three landmarks of different kinds among clutter; the question names only the kind
+            corners, members = rng.sample(list(CORNERS), 3), []
+            for m in rng.sample(pool, len(pool)):
+                if entities[m]["kind"] not in {entities[x]["kind"] for x in members}:
+                    members.append(m)
+                if len(members) == len(corners):
+                    break
         scene = Image.new("RGB", SCENE, (200, 200, 200))
-        for corner, m in zip(corners, members):
-            box = corner_box(corner)
+        if kind_of_task == "hard":
+            draw = ImageDraw.Draw(scene)
+            for _ in range(8):   # clutter between the corners
+                x, y, r = rng.randint(84, 140), rng.randint(10, 150), rng.randint(3, 8)
+                draw.rectangle((x - r, y - r, x + r, y + r), fill=PALETTE[rng.randrange(len(PALETTE))])
+        for c, m in zip(corners, members):
+            box = corner_box(c)
             scene.paste(draw_entity(entities[m]["look"]), (box[0] + 4 + rng.randint(-2, 2), box[1] + 4 + rng.randint(-2, 2)))
         target = rng.randrange(len(corners))
-        e, corner, m = entities[members[target]], corners[target], members[target]
+        corner, m = corners[target], members[target]
+        corners = dict(zip(corners, members))
     else:
         m = rng.choice(pool)
-        e, corner = entities[m], None
-        scene = draw_entity(e["look"], size=160)
+        scene, corners = draw_entity(entities[m]["look"], size=160), None
+    e = entities[m]
     scene.save(out / "images" / f"scene_{t:04d}.png")
-    field = "shape" if kind_of_task == "visual" else "year"
+    answer = e["shape"] if kind_of_task == "visual" else entities[e["twin"]]["year"] if kind_of_task == "twohop" else e["year"]
     return {"id": f"toy{t:04d}", "type": kind_of_task, "image": f"images/scene_{t:04d}.png",
             "question": QUESTIONS[kind_of_task].format(kind=e["kind"], corner=corner),
-            "answers": [e[field]], "entity": m, "corner": corner}
+            "answers": [answer], "entity": m, "corner": corner, "corners": corners}
 
 
-def oracle_box(task, convention, shown):
+def oracle_box(corner, convention, shown):
     """The corner's fixed box in the policy's convention (`shown`: the scene's size as the model sees it)."""
     W, H = SCENE
     scale = {"abs": (shown[0] / W, shown[1] / H), "rel1000": (1000 / W, 1000 / H)}[convention]
-    return [round(v * scale[i % 2]) for i, v in enumerate(corner_box(task["corner"]))]
+    return [round(v * scale[i % 2]) for i, v in enumerate(corner_box(corner))]
 
 
-def oracle_turns(task, e, hits, bbox, by_url):
-    """The oracle's assistant turns: answer from the image (`visual`), from what it knows
-    (task["direct"]), or search (cropping `bbox` first for `crop`), open the top hit and answer
-    with what its page says. `hits` are the image search's results; `by_url` maps a page's url to
-    its landmark."""
+def oracle_turns(task, entities, by_url, box, see, find, order=()):
+    """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
+    knows (task["direct"]), or search and answer with what the page it opened says:
+        whole    image_search -> visit the top hit
+        crop     crop the asked corner -> image_search on the crop -> visit the top hit
+        twohop   image_search -> visit the top hit for its twin -> text_search the twin's name -> visit
+        hard     crop the corners in `order` (image search on each) until the top hit is of the asked
+                 kind, then visit it: a wrong crop followed by a recovery (Mini-o3's trial and error)
+    The oracle sees what the tools will return: box(corner) is a corner's box in the policy's
+    convention, see(corner or None) the image search's results on that crop (or the whole image),
+    find(query) the text search's; by_url maps a url to its landmark."""
     call = core.format_tool_call
+    e = entities[task["entity"]]
+    kind = e["kind"]
     if task["type"] == "visual":
-        return [f"<think>I can see the {e['kind']}: it shows a {e['shape']}.</think>\n<answer>{e['shape']}</answer>"]
+        return [f"<think>I can see the {kind}: it shows a {e['shape']}.</think>\n<answer>{e['shape']}</answer>"]
     if task["direct"]:
-        return [f"<think>I know this {e['kind']}: it is the {e['title']}.</think>\n<answer>{e['year']}</answer>"]
-    turns = []
-    if task["type"] == "crop":
-        turns.append(f"<think>The question is about the image's {task['corner']} corner. I will zoom in there.</think>\n"
-                     + call("crop", {"image": 0, "bbox_2d": bbox}))
-    image = 1 if task["type"] == "crop" else 0
-    turns.append(f"<think>I do not know this {e['kind']}. I will search for the image.</think>\n"
-                 + call("image_search", {"image": image}))
-    top = hits[0]
-    year = by_url[top["url"]]["year"]
-    turns.append("<think>I will read the top result.</think>\n" + call("visit", {"url": top["url"], "goal": GOAL}))
+        return [f"<think>I know this {kind}: it is the {e['title']}.</think>\n<answer>{task['answers'][0]}</answer>"]
+    turns, hits = [], None
+    if task["type"] == "hard":
+        think = f"I will look for the {kind}, starting with the image's {order[0]} corner."
+        for n, corner in enumerate(order, 1):
+            turns.append(f"<think>{think}</think>\n" + call("crop", {"image": 0, "bbox_2d": box(corner)}))
+            turns.append("<think>I will search for this part of the image.</think>\n" + call("image_search", {"image": n}))
+            hits = see(corner)
+            found = by_url[hits[0]["url"]]["kind"]
+            if found == kind:
+                break
+            think = f"The top result is a {found}, not a {kind}. I will try the image's {order[min(n, len(order) - 1)]} corner."
+        turns.append(f"<think>The top result is a {kind}. I will read it.</think>\n"
+                     + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
+    else:
+        if task["type"] == "crop":
+            turns.append(f"<think>The question is about the image's {task['corner']} corner. I will zoom in there.</think>\n"
+                         + call("crop", {"image": 0, "bbox_2d": box(task["corner"])}))
+        turns.append(f"<think>I do not know this {kind}. I will search for the image.</think>\n"
+                     + call("image_search", {"image": 1 if task["type"] == "crop" else 0}))
+        hits = see(task["corner"])
+        if task["type"] == "twohop":
+            turns.append("<think>I will read the top result to find its twin.</think>\n"
+                         + call("visit", {"url": hits[0]["url"], "goal": TWIN_GOAL}))
+            twin = entities[by_url[hits[0]["url"]]["twin"]]["title"]
+            turns.append(f"<think>The page says: Its twin is the {twin}. I will search for it.</think>\n"
+                         + call("text_search", {"query": twin}))
+            hits = find(twin)
+        turns.append("<think>I will read the top result.</think>\n" + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
+    year = by_url[hits[0]["url"]]["year"]
     turns.append(f"<think>The page says: Construction was completed in {year}.</think>\n<answer>{year}</answer>")
     return turns
 
@@ -207,12 +256,15 @@ def main(argv=None):
     ap.add_argument("--test-fraction", type=float, default=0.2, help="share of questions held out for test")
     ap.add_argument("--val-fraction", type=float, default=0.05, help="share of questions held out for validation")
     ap.add_argument("--unseen", type=float, default=0.2, help="share of landmarks asked about in test only")
-    ap.add_argument("--mix", default="visual:0.2,whole:0.3,crop:0.5", help="question types and their shares")
+    ap.add_argument("--mix", default="visual:0.2,whole:0.3,crop:0.5", help="question types and their shares, of "
+                    "visual, whole, crop, twohop, hard (README: the richer mix)")
     ap.add_argument("--direct", type=float, default=0.5,
                     help="share of knowledge questions the oracle answers from memory, without searching")
     ap.add_argument("--k", type=int, default=3, help="image search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
+    ap.add_argument("--crop-upscale", type=int, default=224, help="crops are upscaled to this short side (the "
+                    "oracle's and the policy's; small: fewer visual tokens, and the search tool needs no more)")
     ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tiny tokenizer")
     ap.add_argument("--hidden", type=int, default=128, help="tiny model's width (2 layers)")
     ap.add_argument("--max-pixels", type=int, default=224 * 168, help="tiny model's image budget (pixels)")
@@ -222,13 +274,20 @@ def main(argv=None):
     out = Path(args.out).resolve()   # records hold image paths: absolute, whatever the working directory
     (out / "images").mkdir(parents=True, exist_ok=True)
 
+    try:
+        mix = {k: float(v) for k, v in (part.split(":") for part in args.mix.split(","))}
+    except ValueError:
+        raise SystemExit(f"--mix {args.mix!r}: want type:share pairs, e.g. visual:0.2,whole:0.3,crop:0.5") from None
+    if not set(mix) <= set(QUESTIONS):
+        raise SystemExit(f"--mix: unknown question type(s) {sorted(set(mix) - set(QUESTIONS))}; known: {list(QUESTIONS)}")
+
     # 1. landmarks: pictures, pages, the image index
-    entities = make_entities(args.entities, rng)
+    entities = make_entities(args.entities, rng, twins="twohop" in mix)
     corpus, index = [], []
     for i, e in enumerate(entities):
         draw_entity(e["look"]).save(out / "images" / f"entity_{i:03d}.png")
         corpus.append({"id": str(i), "title": e["title"], "url": URL.format(page=e["page"]),
-                       "text": page_text(e, rng, entities[:i] + entities[i + 1:])})
+                       "text": page_text(e, rng, entities[:i] + entities[i + 1:], entities[e["twin"]] if "twin" in e else None)})
         index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(page=e["page"]),
                       "snippet": f"{e['title']}, a {e['kind']} in {e['city']}."})
     write_jsonl(out / "corpus.jsonl", corpus)
@@ -239,7 +298,6 @@ def main(argv=None):
     rng.shuffle(order)
     n_unseen = int(len(order) * args.unseen)
     unseen, seen = order[:n_unseen], order[n_unseen:]
-    mix = {k: float(v) for k, v in (part.split(":") for part in args.mix.split(","))}
     n_test, n_val = int(args.tasks * args.test_fraction), int(args.tasks * args.val_fraction)
     tasks = []
     for t in range(args.tasks):
@@ -248,8 +306,8 @@ def main(argv=None):
         pool = (seen + unseen) if t < n_test else seen
         tasks.append(make_task(t, kind_of_task, entities, pool, rng, out))
     test, val, train = tasks[:n_test], tasks[n_test:n_test + n_val], tasks[n_test + n_val:]
-    for task in train:   # the oracle answers these knowledge questions from memory
-        task["direct"] = task["type"] != "visual" and rng.random() < args.direct
+    for task in train:   # the oracle answers these knowledge questions from memory (never a hard one)
+        task["direct"] = task["type"] not in ("visual", "hard") and rng.random() < args.direct
     for split, rows in [("test", test), ("val", val), ("train", train)]:
         write_jsonl(out / f"{split}.jsonl", rows)
 
@@ -257,7 +315,8 @@ def main(argv=None):
     texts = [d["text"] for d in corpus] + [t["question"] for t in tasks] + [json.dumps(h) for h in index]
     texts += [SYSTEM] * 20
     (out / "system.txt").write_text(SYSTEM, encoding="utf-8")
-    texts += [core.format_tool_call("visit", {"url": URL.format(page=e["page"]), "goal": GOAL}) for e in entities]
+    texts += [core.format_tool_call("visit", {"url": URL.format(page=e["page"]), "goal": g}) for e in entities
+              for g in ((GOAL, TWIN_GOAL) if "twin" in e else (GOAL,))]
     core.build_tiny_policy(out / "model", texts, vocab_size=args.vocab, hidden=args.hidden, max_pixels=args.max_pixels,
                            tie_embeddings=True)   # as small Qwen models do
     policy = core.load_policy(out / "model")
@@ -267,33 +326,56 @@ def main(argv=None):
     image_search = tools.LocalImageSearch(out / "images.jsonl")
     toolbox = tools.Toolbox(text_search=text, image_search=image_search, pages=text,
                             convention=policy.crop_convention, shown_size=policy.shown_size, k=args.k,
-                            visit_chars=args.visit_chars)
+                            visit_chars=args.visit_chars, crop_settings=tools.CropSettings(upscale_to=args.crop_upscale))
     rows = [dict(t, _root=str(out)) for t in train]
-    scripts, by_url = {}, {URL.format(page=e["page"]): e for e in entities}
-    for task in rows:   # the oracle sees what the tools will return: the same crop, the same search
+    by_url = {URL.format(page=e["page"]): e for e in entities}
+    scripts, experts = {}, {}
+    for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
-        bbox = oracle_box(task, policy.crop_convention, policy.shown_size(image)) if task["type"] == "crop" else None
-        query = tools.crop(image, bbox, policy.crop_convention, policy.shown_size(image), toolbox.crop_settings) \
-            if bbox else image
-        scripts[task["id"]] = oracle_turns(task, entities[task["entity"]], image_search.search(query, args.k), bbox,
-                                           by_url)
-    trajs = core.rollout(policy, rows, toolbox, max_turns=4, max_images=4, max_context=8192, system=SYSTEM,
-                         forced=lambda task, turn: scripts[task["id"]][turn], progress=False)
-    records, stats = [], {k: [0, 0] for k in mix}
-    for task, traj in zip(rows, trajs):
-        value, parts = core.reward(traj, task)
-        stats[task["type"]][1] += 1
-        if parts["correct"] == 1.0:   # a search whose top hit is not the landmark is dropped
-            stats[task["type"]][0] += 1
-            records.append(core.trajectory_to_record(traj, image_dir=out / "images" / "crops"))
+        shown = policy.shown_size(image)
+
+        def box(corner):
+            return oracle_box(corner, policy.crop_convention, shown)
+
+        def see(corner):
+            query = tools.crop(image, box(corner), policy.crop_convention, shown, toolbox.crop_settings) \
+                if corner else image
+            return image_search.search(query, args.k)
+
+        def find(query):
+            return text.search(query, args.k)
+        order = ()
+        if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
+            order = rng.sample(list(task["corners"]), len(task["corners"]))
+            experts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order=(task["corner"],))
+        scripts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order)
+
+    def replay(rows, scripts, crops):
+        """The scripted turns through the real rollout loop and tools; records of the right answers."""
+        trajs = core.rollout(policy, rows, toolbox, max_turns=10, max_images=6, max_context=8192, system=SYSTEM,
+                             forced=lambda task, turn: scripts[task["id"]][turn], progress=False)
+        records, stats = [], {k: [0, 0] for k in mix}
+        for task, traj in zip(rows, trajs):
+            value, parts = core.reward(traj, task)
+            stats[task["type"]][1] += 1
+            if parts["correct"] == 1.0:   # a search whose top hit is not the landmark is dropped
+                stats[task["type"]][0] += 1
+                records.append(core.trajectory_to_record(traj, image_dir=out / "images" / crops))
+        return records, stats
+    records, stats = replay(rows, scripts, "crops")
+    expert_records, _ = replay([r for r in rows if r["id"] in experts], experts, "expert_crops")
     write_jsonl(out / "sft.jsonl", records)
+    write_jsonl(out / "expert.jsonl", expert_records)
     print(f"toy world in {out}: {len(entities)} landmarks ({len(unseen)} only in test), "
           f"{len(train)} train / {len(val)} val / {len(test)} test tasks")
     direct = sum(t["direct"] for t in train)
+    recovered = sum(sum(m["role"] == "assistant" and '"name": "crop"' in str(m["content"]) for m in r["messages"]) > 1
+                    for r in records)
     print("oracle: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in stats.items())
-          + f" correct ({direct} answered from memory); {len(records)} SFT trajectories")
+          + f" correct ({direct} answered from memory, {recovered} recover from a wrong crop); "
+          f"{len(records)} SFT trajectories, {len(expert_records)} expert (AHPO) trajectories")
     return {"train": len(train), "val": len(val), "test": len(test), "sft": len(records), "direct": direct,
-            "oracle": {k: tuple(v) for k, v in stats.items()}}
+            "expert": len(expert_records), "recovered": recovered, "oracle": {k: tuple(v) for k, v in stats.items()}}
 
 
 def write_jsonl(path, rows):

@@ -39,8 +39,12 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
     ap.add_argument("--k", type=int, default=3, help="image search results shown (the oracle's and the policy's)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps this many characters of a page")
+    ap.add_argument("--crop-upscale", type=int, default=224, help="crops are upscaled to this short side")
     ap.add_argument("--world-args", default="", help="extra flags for prepare.py, e.g. '--direct 0.2'")
     ap.add_argument("--grpo-args", default="", help="extra flags for train_grpo.py (ablations), e.g. '--advantage grpo'")
+    ap.add_argument("--ahpo", action="store_true", help="GRPO with AHPO: the world's expert trajectories (hard questions)")
+    ap.add_argument("--train-turns", type=int, default=4, help="GRPO's turn budget (over it: over-turn, masked)")
+    ap.add_argument("--eval-turns", type=int, default=4, help="eval's turn budget (Mini-o3: more at test time)")
     args = ap.parse_args(argv)
     args.sft_steps = args.sft_steps or (60 if args.fast else 1000)
     args.grpo_steps = args.grpo_steps or (8 if args.fast else 50)
@@ -73,6 +77,9 @@ def stage_table(name, results, types):
     row["crops/q"] = sum(s["tool_calls"].get("crop", 0) for _, s in samples) / n
     row["calls/q"] = sum(sum(s["tool_calls"].values()) for _, s in samples) / n
     row["turns"] = sum(s["turns"] for _, s in samples) / n
+    hard = [s for k, s in samples if k == "hard"]
+    if hard:
+        row["turns (hard)"] = sum(s["turns"] for s in hard) / len(hard)
     row["finish"] = ", ".join(f"{k} {v}" for k, v in Counter(s["finish_reason"] for _, s in samples).most_common())
     return row
 
@@ -136,11 +143,11 @@ def main(argv=None):
     t_start = time.time()
     size = ["--entities", "40", "--tasks", "240"] if args.fast else []
     if not (world / "sft.jsonl").exists():
-        run("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, "--k", args.k,
-                      "--visit-chars", args.visit_chars, *size, *args.world_args.split()], log)
+        run("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, "--k", args.k, "--visit-chars",
+                      args.visit_chars, "--crop-upscale", args.crop_upscale, *size, *args.world_args.split()], log)
     system = ["--system", (world / "system.txt").read_text(encoding="utf-8")]
     tool_flags = ["--backend", "local", "--corpus", world / "corpus.jsonl", "--image-index", world / "images.jsonl",
-                  "--k", args.k, "--visit-chars", args.visit_chars, "--cache", "", "--max-turns", "4",
+                  "--k", args.k, "--visit-chars", args.visit_chars, "--crop-upscale", args.crop_upscale, "--cache", "",
                   "--max-new-tokens", "96", "--max-context", "4096"]
 
     def evaluate(stage, model):
@@ -149,7 +156,8 @@ def main(argv=None):
             if not (folder / "summary.json").exists():
                 run(f"eval {stage}{suffix.replace('_', ' ')}",
                     [py, ROOT / "eval.py", "--model", model, "--data", world / "test.jsonl", "--out", folder,
-                     "--batch", "64", "--resume", "--temperature", "0", *tool_flags, *extra], log)
+                     "--batch", "64", "--resume", "--temperature", "0", "--max-turns", args.eval_turns, *tool_flags,
+                     *extra], log)
 
     evaluate("init", world / "model")
     if not (out / "sft" / "final" / "config.json").exists():
@@ -164,7 +172,8 @@ def main(argv=None):
                      "--lr", args.grpo_lr, "--temperature", args.temperature, "--tasks-per-step", "8",
                      "--group-size", "8", "--rollout-batch", "64", "--eval-every", max(1, args.grpo_steps // 4),
                      "--save-every", "10", "--keep-last", "1", "--seed", args.seed, "--quiet", "--resume",
-                     *tool_flags, *system, *args.grpo_args.split()], log)
+                     "--max-turns", args.train_turns, *tool_flags, *system, *args.grpo_args.split(),
+                     *(["--expert-data", world / "expert.jsonl"] if args.ahpo else [])], log)
     evaluate("grpo", out / "grpo" / "final")
 
     types = {json.loads(line)["id"]: json.loads(line)["type"] for line in (world / "test.jsonl").read_text().splitlines()}
