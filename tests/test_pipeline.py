@@ -24,3 +24,22 @@ def test_main_command_fast_variant(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "] done" not in again.stdout          # every stage skipped
     assert "| grpo (tools) |" in again.stdout
+
+
+def test_main_command_on_the_richer_world_with_ahpo(tmp_path):
+    """The README's richer-world command (every question type, AHPO, Mini-o3's turn budgets), small."""
+    out = tmp_path / "rich"
+    mix = "visual:0.15,whole:0.25,crop:0.3,twohop:0.15,hard:0.15"
+    cmd = [sys.executable, str(ROOT / "data" / "toyworld" / "run.py"), "--fast", "--out", str(out), "--world-args",
+           f"--mix {mix}", "--crop-upscale", "112", "--train-turns", "6", "--eval-turns", "8", "--ahpo"]
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    table = (out / "results.md").read_text()
+    for column in ("acc twohop", "acc hard", "turns (hard)"):
+        assert column in table, column
+    settings = json.loads((out / "grpo" / "args.json").read_text())
+    assert settings["expert_data"].endswith("expert.jsonl") and settings["max_turns"] == 6
+    assert json.loads((out / "eval_grpo" / "summary.json").read_text())["settings"]["max_turns"] == 8
+    expert = (out / "world" / "expert.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert expert and sum(r["ahpo"] for r in rows) > 0   # AHPO fired on groups with no success
