@@ -12,6 +12,14 @@ image-search index whose title names its kind ("Kalomi Tower"). Questions, tagge
              (image_search on the image -> visit -> answer)
     crop     two to four landmarks in the corners; "In what year was the gate in the image's
              top-left corner completed?"  (crop the corner -> image_search on the crop -> visit -> answer)
+    twohop   one landmark fills the image; "In what year was the twin of this tower completed?"
+             (image_search -> visit for its twin -> text_search the twin's name -> visit -> answer)
+    hard     three landmarks of different kinds in three corners, among clutter; "In what year was
+             the statue in this image completed?" (crop a corner -> image_search -> if the top hit is
+             of another kind, try another corner -> visit -> answer: trial and error, as in Mini-o3)
+
+--mix picks the types and their shares (default: visual, whole and crop, the world the README's
+main-command results were measured on; twohop and hard make the richer world).
 
 The oracle that writes the SFT data knows every landmark. On a share of the knowledge questions
 (--direct, default half) it answers from that knowledge without searching, as a strong model
@@ -40,6 +48,7 @@ context, take the token after it; so that token should be rare there). README ha
     val.jsonl, test.jsonl   held-out tasks (new scenes; test also has the unseen landmarks)
     sft.jsonl          oracle trajectories for train tasks, made by forcing the oracle's text
                        through the real rollout loop and tools (kept where the answer is right)
+    expert.jsonl       for hard train tasks, the direct path (the right corner first): AHPO's expert data
     system.txt         the world's short system prompt (used by the SFT data, eval and GRPO)
     model/             a tiny random Qwen2.5-VL (2 layers, hidden 128, tied embeddings) and its BPE
                        tokenizer (build_tiny_policy)
