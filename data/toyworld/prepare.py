@@ -232,9 +232,9 @@ def oracle_turns(task, entities, by_url, box, see, find, order=()):
             turns.append("<think>I will search for this part of the image.</think>\n" + call("image_search", {"image": n}))
             hits = see(corner)
             found = by_url[hits[0]["url"]]["kind"]
-            if found == kind:
+            if found == kind or n == len(order):   # no corner left: the answer will be wrong and dropped
                 break
-            think = f"The top result is a {found}, not a {kind}. I will try the image's {order[min(n, len(order) - 1)]} corner."
+            think = f"The top result is a {found}, not a {kind}. I will try the image's {order[n]} corner."
         turns.append(f"<think>The top result is a {kind}. I will read it.</think>\n"
                      + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
     else:
