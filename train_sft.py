@@ -49,6 +49,8 @@ def parse_args(argv=None):
                     help="tokens per trajectory; longer ones are cut at an assistant-turn boundary, or dropped")
     ap.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     ap.add_argument("--max-pixels", type=int, default=None, help="question images resized to at most this many pixels")
+    ap.add_argument("--cache-mb", type=int, default=2048,
+                    help="keep built trajectories (images, pixel values, tokens) in memory, up to this many MB per data file")
     ap.add_argument("--crop-max-pixels", type=int, default=None, help="tool images resized to at most this many pixels")
     # optimization
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
@@ -121,12 +123,27 @@ def cut_to_fit(policy, record, max_length):
     return None, record
 
 
-def load_sft_data(path, policy, max_length, skip_bad, quiet=False):
+def trajectory_bytes(traj):
+    """Rough memory of a built trajectory: its images, their pixel values and its token lists."""
+    pixels = sum(pv.numel() * pv.element_size() for pv, _ in traj.image_inputs)
+    return pixels + sum(len(im.getbands()) * im.width * im.height for im in traj.images) + 64 * len(traj.input_ids)
+
+
+def trajectory(policy, record):
+    """The record's trajectory: the one built at loading if it was kept (see load_sft_data), else
+    built again (loading its images, running the image processor, tokenizing)."""
+    return record.get("_traj") or core.trajectory_from_record(policy, record, record["_root"])
+
+
+def load_sft_data(path, policy, max_length, skip_bad, quiet=False, cache_mb=0):
     """Records checked and tokenized once: (records, lengths, loss tokens, counts). Bad records stop
-    the run with their line number and problem, or are skipped and counted with skip_bad."""
+    the run with their line number and problem, or are skipped and counted with skip_bad. The built
+    trajectories are kept in record["_traj"] until they take cache_mb MB: rebuilding one every step
+    cost a quarter of a toy-world SFT step (image processor and tokenizer)."""
     from tqdm.auto import tqdm
     records, lengths, n_loss = [], [], []
-    counts = {"records": 0, "bad": 0, "cut": 0, "dropped (too long)": 0}
+    cached = 0   # bytes of the trajectories kept
+    counts = {"records": 0, "bad": 0, "cut": 0, "dropped (too long)": 0, "kept": 0}
     for record in tqdm(core.load_jsonl(path), desc=f"checking {Path(path).name}", disable=quiet):
         counts["records"] += 1
         problem = core.check_trajectory_record(record)
@@ -145,6 +162,10 @@ def load_sft_data(path, policy, max_length, skip_bad, quiet=False):
             counts["dropped (too long)"] += 1
             continue
         counts["cut"] += record_fit is not record
+        if cached + trajectory_bytes(traj) <= cache_mb * 2**20:
+            cached += trajectory_bytes(traj)
+            counts["kept"] += 1
+            record_fit = {**record_fit, "_traj": traj}
         records.append(record_fit)
         lengths.append(len(traj.input_ids))
         n_loss.append(sum(traj.loss_mask))
@@ -189,7 +210,7 @@ def validation_loss(policy, records, lengths, n_loss, batch_tokens, autocast):
     """Mean NLL per loss token over a trajectory set."""
     total = 0.0
     for mb in core.pack_by_tokens(lengths, batch_tokens):
-        batch = core.collate(policy, [core.trajectory_from_record(policy, records[i], records[i]["_root"]) for i in mb])
+        batch = core.collate(policy, [trajectory(policy, records[i]) for i in mb])
         with autocast():
             total += core.masked_nll(policy, batch, 1).item()
     return total / max(1, sum(n_loss))
@@ -243,18 +264,19 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
 
     # data: checked and measured once, packed into micro-batches by token budget
-    records, lengths, n_loss, counts = load_sft_data(args.data, policy, args.max_length, args.skip_bad, args.quiet)
-    filler = [core.trajectory_from_record(policy, records[0], records[0]["_root"])]
+    records, lengths, n_loss, counts = load_sft_data(args.data, policy, args.max_length, args.skip_bad, args.quiet,
+                                                     args.cache_mb)
+    filler = [trajectory(policy, records[0])]
     micro_batches = core.pack_by_tokens(lengths, args.batch_tokens)
     per_step = args.grad_accum * dist.world   # micro-batches per optimizer step, over all ranks
     per_epoch = math.ceil(len(micro_batches) / per_step)
     total = args.steps or max(1, round(args.epochs * per_epoch))
-    val = load_sft_data(args.val_data, policy, args.max_length, True, args.quiet)[:3] if args.val_data else None
+    val = load_sft_data(args.val_data, policy, args.max_length, True, args.quiet, args.cache_mb)[:3] if args.val_data else None
     eval_tasks = core.load_jsonl(args.eval_tasks)[:args.eval_limit] if args.eval_tasks else None
     toolbox = tools.toolbox_from_args(args, policy.crop_convention, policy.shown_size) if eval_tasks else None
     print(f"train_sft: {counts['records']} records: {len(records)} used, {counts['bad']} bad (skipped), "
           f"{counts['cut']} cut at a turn boundary, {counts['dropped (too long)']} dropped as longer than "
-          f"{args.max_length} tokens; {len(micro_batches)} micro-batches, {per_epoch} steps/epoch, {total} steps; "
+          f"{args.max_length} tokens, {counts['kept']} kept in memory; {len(micro_batches)} micro-batches, {per_epoch} steps/epoch, {total} steps; "
           f"{n_train / 1e6:.2f}M trainable parameters ({'LoRA' if args.lora_rank else 'full'}) on {device}"
           + (f"; rank {dist.rank} of {dist.world} ({'FSDP2' if args.fsdp else 'DDP'})" if dist.world > 1 else ""))
 
@@ -279,7 +301,7 @@ def main(argv=None):
             micro = step_micro_batches(micro_batches, step, per_step, args.seed)
             n_tokens = sum(n_loss[i] for mb in micro for i in mb)   # over all ranks' micro-batches
             mine = micro[dist.rank::dist.world]                      # this rank's share
-            trajs = [[core.trajectory_from_record(policy, records[i], records[i]["_root"]) for i in mb] for mb in mine]
+            trajs = [[trajectory(policy, records[i]) for i in mb] for mb in mine]
             loss = dist.sum(accumulate_gradients(policy, trajs, n_tokens, autocast, step_fn, dist.world, filler))
             grad_norm = core.grad_norm_value(torch.nn.utils.clip_grad_norm_(params, args.clip))
             optimizer.step()

@@ -225,6 +225,20 @@ def test_long_records_are_cut_at_a_turn_boundary(policy, tmp_path):
     assert train_sft.cut_to_fit(policy, record, 10)[0] is None
 
 
+def test_trajectories_are_kept_within_the_memory_budget(policy, tmp_path):
+    path, _ = make_records(tmp_path, 4)
+    rebuilt = trajs_of(policy, path)
+    assert all("_traj" not in r for r in train_sft.load_sft_data(path, policy, 8192, False, True, 0)[0])
+    two = sum(train_sft.trajectory_bytes(t) for t in rebuilt[:2])
+    records, _, _, counts = train_sft.load_sft_data(path, policy, 8192, False, True, (two + 1) / 2**20)
+    assert counts["kept"] == 2 and ["_traj" in r for r in records] == [True, True, False, False]
+    for record, traj in zip(records, rebuilt):       # kept or built again: the same trajectory
+        kept = train_sft.trajectory(policy, record)
+        assert kept.input_ids == traj.input_ids and kept.loss_mask == traj.loss_mask
+        for (p1, g1), (p2, g2) in zip(kept.image_inputs, traj.image_inputs, strict=True):
+            assert torch.equal(p1, p2) and torch.equal(g1, g2)
+
+
 def test_bad_flags(tmp_path, capsys):
     (tmp_path / "f").write_text("")
     for flags, message in [([], "--model and --data are required"),
