@@ -673,6 +673,36 @@ def _chunk_logits(h, weight, temperature, out, blocked=None, shift=None, low=Non
     return out.index_fill_(1, blocked, BLOCKED) if blocked is not None else out
 
 
+def _backward_chunks(hidden, weight, targets, lse, ent, g_logp, g_ent, T, C, blocked, need_h, need_w):
+    """The backward's pass over the vocabulary, chunk by chunk: (∂hidden in hidden's dtype, ∂W in
+    fp32 or None). g_ent None: the entropy's gradient is zero."""
+    acc = lse.dtype
+    N, V = hidden.shape[0], weight.shape[0]
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    buf = hidden.new_empty((min(C, N), V), dtype=acc)
+    pbuf = torch.empty_like(buf) if g_ent is not None else None
+    low = None if hidden.dtype == acc else torch.empty_like(buf, dtype=hidden.dtype)
+    for s in range(0, N, C):
+        c = min(C, N - s)
+        y, g = targets[s:s + c], g_logp[s:s + c, None]
+        lo = low[:c] if low is not None else None
+        logp_all = _chunk_logits(hidden[s:s + c], weight, T, buf[:c], blocked, shift=lse[s:s + c], low=lo)
+        if g_ent is not None:   # q = p (g + g_H (log p + H))
+            p = torch.exp(logp_all, out=pbuf[:c])
+            q, row = logp_all.add_(ent[s:s + c, None]).mul_(g_ent[s:s + c, None].to(acc)).add_(g).mul_(p), 1.0
+        else:                   # q = p g, with g applied to (c, H) tensors below: saves a pass over (c, V)
+            q, row = logp_all.exp_(), g
+        if need_h:
+            qw = q @ weight if lo is None else (lo.copy_(q) @ weight).to(acc)
+            grad_h[s:s + c] = ((g * weight[y].to(acc) - row * qw) / T).to(hidden.dtype)
+        if need_w:
+            h = hidden[s:s + c].to(acc)
+            grad_w.addmm_(q.t(), row * h, alpha=-1 / T)
+            grad_w.index_add_(0, y, g * h / T)
+    return grad_h, grad_w
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk_size, with_entropy, blocked):
@@ -714,35 +744,15 @@ class _TokenLogprobs(torch.autograd.Function):
         hidden, weight, targets, lse, ent, pw = ctx.saved_tensors
         T, C = ctx.temperature, ctx.chunk_size
         acc = lse.dtype
-        N, V = hidden.shape[0], weight.shape[0]
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.to(acc)
         use_ent = ctx.with_entropy and g_ent is not None and bool(g_ent.any())   # entropy only logged: zeros
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if len(pw) and not use_ent:   # W frozen: dh = g (W[y] - p W) / T, from the forward's p W
             g = g_logp[:, None]
             return ((g * (weight[targets].to(acc) - pw) / T).to(hidden.dtype),) + (None,) * 6
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        buf = hidden.new_empty((min(C, N), V), dtype=acc)
-        pbuf = torch.empty_like(buf) if use_ent else None
-        low = None if hidden.dtype == acc else torch.empty_like(buf, dtype=hidden.dtype)
-        for s in range(0, N, C):
-            c = min(C, N - s)
-            y, g = targets[s:s + c], g_logp[s:s + c, None]
-            lo = low[:c] if low is not None else None
-            logp_all = _chunk_logits(hidden[s:s + c], weight, T, buf[:c], ctx.blocked, shift=lse[s:s + c], low=lo)
-            if use_ent:   # q = p (g + g_H (log p + H))
-                p = torch.exp(logp_all, out=pbuf[:c])
-                q, row = logp_all.add_(ent[s:s + c, None]).mul_(g_ent[s:s + c, None].to(acc)).add_(g).mul_(p), 1.0
-            else:         # q = p g, with g applied to (c, H) tensors below: saves a pass over (c, V)
-                q, row = logp_all.exp_(), g
-            if need_h:
-                qw = q @ weight if lo is None else (lo.copy_(q) @ weight).to(acc)
-                grad_h[s:s + c] = ((g * weight[y].to(acc) - row * qw) / T).to(hidden.dtype)
-            if need_w:
-                h = hidden[s:s + c].to(acc)
-                grad_w.addmm_(q.t(), row * h, alpha=-1 / T)
-                grad_w.index_add_(0, y, g * h / T)
+        grad_h, grad_w = _backward_chunks(hidden, weight, targets, lse, ent, g_logp, g_ent if use_ent else None,
+                                          T, C, ctx.blocked, need_h, need_w)
+        # cast only now that the chunk buffers are freed: ∂W's low-precision copy never meets them
         grad_w = grad_w.to(weight.dtype) if need_w else None
         return grad_h, grad_w, None, None, None, None, None
 

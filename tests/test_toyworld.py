@@ -68,6 +68,10 @@ def test_prepare_small_world(tmp_path):
     assert all(sum('"name": "crop"' in c for c in turns) == 1 for turns in calls)   # the expert crops the right corner
     twohop = [r for r in sft if tasks[r["id"]]["type"] == "twohop" and len(r["messages"]) > 3]
     assert twohop and all('"name": "text_search"' in str(r["messages"]) for r in twohop)
+    # some two-hop trajectories misspell the name, get "No results." and revise the query (and are right)
+    revised = [r for r in twohop if "No results." in str(r["messages"])]
+    assert len(revised) == stats["revised"] and 0 < len(revised) < len(twohop)
+    assert all(str(r["messages"]).count('"name": "text_search"') == 2 for r in revised)
 
 
 def test_too_many_landmarks_is_a_clear_error(tmp_path):

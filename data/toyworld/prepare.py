@@ -206,12 +206,18 @@ def oracle_box(corner, convention, shown):
     return [round(v * scale[i % 2]) for i, v in enumerate(corner_box(corner))]
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=()):
+def misspelled(title):
+    """The name with each word's middle letter dropped ("Prami Lighthouse" -> "Prmi Lighhouse")."""
+    return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
+
+
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
         crop     crop the asked corner -> image_search on the crop -> visit the top hit
-        twohop   image_search -> visit the top hit for its twin -> text_search the twin's name -> visit
+        twohop   image_search -> visit the top hit for its twin -> text_search the twin's name -> visit;
+                 with `typo`, a first text_search for the name misspelled finds nothing and is revised
         hard     crop the corners in `order` (image search on each) until the top hit is of the asked
                  kind, then visit it: a wrong crop followed by a recovery (Mini-o3's trial and error)
     The oracle sees what the tools will return: box(corner) is a corner's box in the policy's
@@ -248,8 +254,11 @@ def oracle_turns(task, entities, by_url, box, see, find, order=()):
             turns.append("<think>I will read the top result to find its twin.</think>\n"
                          + call("visit", {"url": hits[0]["url"], "goal": TWIN_GOAL}))
             twin = entities[by_url[hits[0]["url"]]["twin"]]["title"]
-            turns.append(f"<think>The page says: Its twin is the {twin}. I will search for it.</think>\n"
-                         + call("text_search", {"query": twin}))
+            think = f"The page says: Its twin is the {twin}. I will search for it."
+            if typo and not find(misspelled(twin)):   # an empty search, then a revised query
+                turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": misspelled(twin)}))
+                think = f"No results. I will search for the name as the page writes it: {twin}."
+            turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": twin}))
             hits = find(twin)
         turns.append("<think>I will read the top result.</think>\n" + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
     year = by_url[hits[0]["url"]]["year"]
@@ -269,6 +278,8 @@ def main(argv=None):
                     "visual, whole, crop, twohop, hard (README: the richer mix)")
     ap.add_argument("--direct", type=float, default=0.5,
                     help="share of knowledge questions the oracle answers from memory, without searching")
+    ap.add_argument("--typos", type=float, default=0.3, help="share of two-hop oracle trajectories whose first "
+                    "text search misspells the name, finds nothing and is revised")
     ap.add_argument("--k", type=int, default=3, help="image search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -339,6 +350,7 @@ def main(argv=None):
     rows = [dict(t, _root=str(out)) for t in train]
     by_url = {URL.format(page=e["page"]): e for e in entities}
     scripts, experts = {}, {}
+    typo_rng = random.Random(args.seed + 1)   # its own stream: the world's other draws stay as they were
     for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
         shown = policy.shown_size(image)
@@ -357,7 +369,8 @@ def main(argv=None):
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
             experts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order=(task["corner"],))
-        scripts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order)
+        typo = task["type"] == "twohop" and typo_rng.random() < args.typos
+        scripts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order, typo)
 
     def replay(rows, scripts, crops):
         """The scripted turns through the real rollout loop and tools; records of the right answers."""
@@ -380,11 +393,13 @@ def main(argv=None):
     direct = sum(t["direct"] for t in train)
     recovered = sum(sum(m["role"] == "assistant" and '"name": "crop"' in str(m["content"]) for m in r["messages"]) > 1
                     for r in records)
+    revised = sum(any(m["role"] == "tool" and "No results." in str(m["content"]) for m in r["messages"]) for r in records)
     print("oracle: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in stats.items())
-          + f" correct ({direct} answered from memory, {recovered} recover from a wrong crop); "
+          + f" correct ({direct} answered from memory, {recovered} recover from a wrong crop, "
+          f"{revised} revise an empty search); "
           f"{len(records)} SFT trajectories, {len(expert_records)} expert (AHPO) trajectories")
     return {"train": len(train), "val": len(val), "test": len(test), "sft": len(records), "direct": direct,
-            "expert": len(expert_records), "recovered": recovered, "oracle": {k: tuple(v) for k, v in stats.items()}}
+            "expert": len(expert_records), "recovered": recovered, "revised": revised, "oracle": {k: tuple(v) for k, v in stats.items()}}
 
 
 def write_jsonl(path, rows):
