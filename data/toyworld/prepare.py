@@ -13,7 +13,9 @@ image-search index whose title names its kind ("Kalomi Tower"). Questions, tagge
     crop     two to four landmarks in the corners; "In what year was the gate in the image's
              top-left corner completed?"  (crop the corner -> image_search on the crop -> visit -> answer)
     twohop   one landmark fills the image; "In what year was the twin of this tower completed?"
-             (image_search -> visit for its twin -> text_search the twin's name -> visit -> answer)
+             (image_search -> visit for its twin -> text_search the twin's name -> visit -> answer;
+             in --typos of the oracle's, the first text_search misspells the name, finds nothing
+             and is revised)
     hard     three landmarks of different kinds in three corners, among clutter; "In what year was
              the statue in this image completed?" (crop a corner -> image_search -> if the top hit is
              of another kind, try another corner -> visit -> answer: trial and error, as in Mini-o3)
