@@ -1053,6 +1053,13 @@ def run_turn(policy, rows, limits, generator):
             r.n_cached += last_fed
 
 
+def _copy_prompt(traj):
+    """A fresh trajectory with traj's prompt: its own lists, the (never modified) images shared."""
+    return Trajectory(input_ids=list(traj.input_ids), loss_mask=list(traj.loss_mask), logprobs=list(traj.logprobs),
+                      images=list(traj.images), image_inputs=list(traj.image_inputs), messages=list(traj.messages),
+                      id=traj.id)
+
+
 def _end(row, reason):
     row.traj.finish_reason = reason
     row.traj.meta["over_turn"] = reason in OVER_TURN
@@ -1081,7 +1088,9 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
                   top_k=top_k)
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     schemas = getattr(toolbox, "schemas", None)   # the modes this toolbox has are the ones offered
-    rows = [Row(new_trajectory(policy, task, system, schemas), task) for task in tasks for _ in range(n)]
+    # each task's prompt built once (its images processed once), then copied for its n samples
+    prompts = [new_trajectory(policy, task, system, schemas) for task in tasks]
+    rows = [Row(_copy_prompt(prompt), task) for prompt, task in zip(prompts, tasks) for _ in range(n)]
     left = Counter(i // n for i in range(len(rows)))
     bar = tqdm(total=len(tasks), desc="rollout", unit="task", disable=not progress)
     header = [policy.ids["im_start"]] + policy.encode_text("assistant\n")
