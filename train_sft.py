@@ -139,7 +139,7 @@ def load_sft_data(path, policy, max_length, skip_bad, quiet=False, cache_mb=0):
     """Records checked and tokenized once: (records, lengths, loss tokens, counts). Bad records stop
     the run with their line number and problem, or are skipped and counted with skip_bad. The built
     trajectories are kept in record["_traj"] until they take cache_mb MB: rebuilding one every step
-    cost a quarter of a toy-world SFT step (image processor and tokenizer)."""
+    cost a sixth of a toy-world SFT step (image processor and tokenizer)."""
     from tqdm.auto import tqdm
     records, lengths, n_loss = [], [], []
     cached = 0   # bytes of the trajectories kept

@@ -209,7 +209,7 @@ def oracle_box(corner, convention, shown):
 
 
 def misspelled(title):
-    """The name with each word's middle letter dropped ("Prami Lighthouse" -> "Prmi Lighhouse")."""
+    """The name with each word's middle letter dropped ("Prami Lighthouse" -> "Prmi Lightouse")."""
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
