@@ -162,8 +162,9 @@ def load_sft_data(path, policy, max_length, skip_bad, quiet=False, cache_mb=0):
             counts["dropped (too long)"] += 1
             continue
         counts["cut"] += record_fit is not record
-        if cached + trajectory_bytes(traj) <= cache_mb * 2**20:
-            cached += trajectory_bytes(traj)
+        size = trajectory_bytes(traj)
+        if cached + size <= cache_mb * 2**20:
+            cached += size
             counts["kept"] += 1
             record_fit = {**record_fit, "_traj": traj}
         records.append(record_fit)

@@ -257,8 +257,9 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
                          + call("visit", {"url": hits[0]["url"], "goal": TWIN_GOAL}))
             twin = entities[by_url[hits[0]["url"]]["twin"]]["title"]
             think = f"The page says: Its twin is the {twin}. I will search for it."
-            if typo and not find(misspelled(twin)):   # an empty search, then a revised query
-                turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": misspelled(twin)}))
+            wrong = misspelled(twin)
+            if typo and not find(wrong):   # an empty search, then a revised query
+                turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": wrong}))
                 think = f"No results. I will search for the name as the page writes it: {twin}."
             turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": twin}))
             hits = find(twin)
