@@ -20,8 +20,8 @@ image-search index whose title names its kind ("Kalomi Tower"). Questions, tagge
              the statue in this image completed?" (crop a corner -> image_search -> if the top hit is
              of another kind, try another corner -> visit -> answer: trial and error, as in Mini-o3)
 
---mix picks the types and their shares (default: visual, whole and crop, the world the README's
-main-command results were measured on; twohop and hard make the richer world).
+--mix picks the types and their shares (default: all five, the main command's world; the README's
+three-type world, --mix visual:0.2,whole:0.3,crop:0.5, was the default until 2026-11-30).
 
 The oracle that writes the SFT data knows every landmark. On a share of the knowledge questions
 (--direct, default half) it answers from that knowledge without searching, as a strong model
@@ -277,8 +277,8 @@ def main(argv=None):
     ap.add_argument("--test-fraction", type=float, default=0.2, help="share of questions held out for test")
     ap.add_argument("--val-fraction", type=float, default=0.05, help="share of questions held out for validation")
     ap.add_argument("--unseen", type=float, default=0.2, help="share of landmarks asked about in test only")
-    ap.add_argument("--mix", default="visual:0.2,whole:0.3,crop:0.5", help="question types and their shares, of "
-                    "visual, whole, crop, twohop, hard (README: the richer mix)")
+    ap.add_argument("--mix", default="visual:0.15,whole:0.25,crop:0.3,twohop:0.15,hard:0.15",
+                    help="question types and their shares, of visual, whole, crop, twohop, hard")
     ap.add_argument("--direct", type=float, default=0.5,
                     help="share of knowledge questions the oracle answers from memory, without searching")
     ap.add_argument("--typos", type=float, default=0.3, help="share of two-hop oracle trajectories whose first "
@@ -286,7 +286,7 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=3, help="image search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
-    ap.add_argument("--crop-upscale", type=int, default=224, help="crops are upscaled to this short side (the "
+    ap.add_argument("--crop-upscale", type=int, default=112, help="crops are upscaled to this short side (the "
                     "oracle's and the policy's; small: fewer visual tokens, and the search tool needs no more)")
     ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tiny tokenizer")
     ap.add_argument("--hidden", type=int, default=128, help="tiny model's width (2 layers)")
