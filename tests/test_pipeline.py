@@ -27,6 +27,8 @@ def test_main_command_fast_variant(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "] done" not in again.stdout          # every stage skipped
     assert "| grpo (tools) |" in again.stdout
+    other = subprocess.run(cmd + ["--seed", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert other.returncode != 0 and "--seed 0 there, 1 now" in other.stderr   # other settings: refused, clearly
 
 
 def test_main_command_with_ahpo(tmp_path):

@@ -51,6 +51,20 @@ def parse_args(argv=None):
     return args
 
 
+def check_settings(out, args):
+    """A folder holds one run: re-running it with other settings would silently mix stages made
+    under both, so the settings are recorded on the first run and must match on every later one."""
+    path, mine = out / "settings.json", {k: v for k, v in vars(args).items() if k != "out"}
+    if path.exists():
+        theirs = json.loads(path.read_text(encoding="utf-8"))
+        diff = [f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items() if theirs.get(k) != v]
+        if diff:
+            raise SystemExit(f"{out} holds a run made with other settings ({'; '.join(diff)}): "
+                             "give these settings another --out, or delete the folder to start over.")
+    else:   # a new folder, or stages copied in by hand (the README's ablations): from now on, these settings
+        path.write_text(json.dumps(mine, indent=1) + "\n", encoding="utf-8")
+
+
 def run(stage, cmd, log):
     """One stage in its own process; its output goes to `log`; a failure stops the pipeline."""
     t0 = time.time()
@@ -138,6 +152,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(out, args)
     world, log = out / "world", out / "log.txt"
     py = sys.executable
     t_start = time.time()
