@@ -791,9 +791,14 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, wi
 
 
 def final_hidden_states(policy, batch):
-    """Run the language model (with the vision tower) up to the final norm: (B, L, H)."""
+    """Run the language model (with the vision tower) up to the final norm: (B, L, H).
+
+    No attention mask: collate pads on the right, and under causal attention a real token never
+    sees the padding after it, so only the pads' own (unused) states change. Without a mask SDPA
+    takes its is_causal path (a fifth less time per toy SFT step; FlashAttention on a GPU); the
+    padding-aware positions come from collate's position_ids."""
     out = policy.model.model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        input_ids=batch["input_ids"], attention_mask=None,
         position_ids=batch["position_ids"], pixel_values=batch["pixel_values"],
         image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"],
         use_cache=False)
