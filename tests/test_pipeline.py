@@ -1,9 +1,14 @@
 """The main command end to end on a small world (data/toyworld/run.py --fast): every stage runs,
 the tables and pages are written, and a second run skips what is finished."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +47,23 @@ def test_main_command_with_ahpo(tmp_path):
     expert = (out / "world" / "expert.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert expert and sum(r["ahpo"] for r in rows) > 0   # AHPO fired on groups with no success
+
+
+def test_killing_the_main_command_stops_its_stage(tmp_path):
+    """SIGTERM to run.py ends the stage it is running too (else it would go on writing into the folder)."""
+    pid_file = tmp_path / "stage.pid"
+    stage = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    driver = (f"import signal, sys; sys.path.insert(0, {str(ROOT / 'data' / 'toyworld')!r}); import run; "
+              "signal.signal(signal.SIGTERM, run.stop_on_signal); "
+              f"run.run('stage', [sys.executable, '-c', {stage!r}], {str(tmp_path / 'log.txt')!r})")
+    proc = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "stopped by signal" in err and "run the same command again" in err
+    with pytest.raises(ProcessLookupError):   # the stage is gone (killed and reaped), not running on
+        os.kill(child, 0)

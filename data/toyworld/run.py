@@ -17,6 +17,7 @@ is printed and written to results.md, and curves.html draws the training curves.
 """
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="world, SFT and GRPO seed")
     ap.add_argument("--fast", action="store_true", help="a small world and short runs (for CI)")
     ap.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps")
+    ap.add_argument("--sft-batch-tokens", type=int, default=8192, help="padded tokens per SFT step")
     ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO optimizer steps")
     ap.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
@@ -57,6 +59,7 @@ def check_settings(out, args):
     path, mine = out / "settings.json", {k: v for k, v in vars(args).items() if k != "out"}
     if path.exists():
         theirs = json.loads(path.read_text(encoding="utf-8"))
+        theirs = {**{k: v for k, v in vars(parse_args([])).items() if k not in theirs}, **theirs}   # knobs added since: defaults
         diff = [f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {v!r} now" for k, v in mine.items() if theirs.get(k) != v]
         if diff:
             raise SystemExit(f"{out} holds a run made with other settings ({'; '.join(diff)}): "
@@ -65,8 +68,16 @@ def check_settings(out, args):
         path.write_text(json.dumps(mine, indent=1) + "\n", encoding="utf-8")
 
 
+def stop_on_signal(signum, frame):
+    """SIGTERM / SIGHUP (a `kill`, a closed terminal) as an exception, so that `run` kills the
+    running stage before exiting: left alone, the stage would go on writing into the folder."""
+    raise SystemExit(f"run.py: stopped by signal {signum} (the running stage too); run the same command "
+                     "again to resume: finished stages are skipped, training resumes from its last checkpoint.")
+
+
 def run(stage, cmd, log):
-    """One stage in its own process; its output goes to `log`; a failure stops the pipeline."""
+    """One stage in its own process; its output goes to `log`; a failure stops the pipeline. An
+    exception while it runs (see stop_on_signal) kills it: subprocess.run does so on any exception."""
     t0 = time.time()
     print(f"[{stage}] {' '.join(str(c) for c in cmd[1:])}", flush=True)
     with open(log, "a", encoding="utf-8") as f:
@@ -150,6 +161,8 @@ def curves_page(out, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):   # (Ctrl-C reaches the stage itself: its process group)
+        signal.signal(sig, stop_on_signal)
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, args)
@@ -178,7 +191,7 @@ def main(argv=None):
     if not (out / "sft" / "final" / "config.json").exists():
         run("sft", [py, ROOT / "train_sft.py", "--model", world / "model", "--data", world / "sft.jsonl",
                     "--out", out / "sft", "--steps", args.sft_steps, "--lr", "3e-3", "--warmup", "20",
-                    "--batch-tokens", "8192", "--seed", args.seed, "--save-every", "100", "--keep-last", "1",
+                    "--batch-tokens", args.sft_batch_tokens, "--seed", args.seed, "--save-every", "100", "--keep-last", "1",
                     "--quiet", "--resume"], log)
     evaluate("sft", out / "sft" / "final")
     if not (out / "grpo" / "final" / "config.json").exists():
