@@ -22,7 +22,7 @@ def test_main_command_fast_variant(tmp_path):
         assert f"[{stage}] done" in first.stdout
     table = (out / "results.md").read_text()
     for row in ("init (tools)", "sft (no tools)", "grpo (tools)", "acc crop", "acc visual", "acc whole",
-                "acc twohop", "acc hard", "turns (hard)"):   # every question type of the default world
+                "acc twohop", "acc hard", "acc unseen", "turns (hard)"):   # every question type of the default world
         assert row in table, row
     assert json.loads((out / "grpo" / "args.json").read_text())["max_turns"] == 6      # Mini-o3: a short budget
     assert json.loads((out / "eval_grpo" / "summary.json").read_text())["settings"]["max_turns"] == 8   # more at test
@@ -67,3 +67,15 @@ def test_killing_the_main_command_stops_its_stage(tmp_path):
     assert proc.returncode != 0 and "stopped by signal" in err and "run the same command again" in err
     with pytest.raises(ProcessLookupError):   # the stage is gone (killed and reaped), not running on
         os.kill(child, 0)
+
+
+def test_stage_table_counts_unseen_landmarks_apart():
+    sys.path.insert(0, str(ROOT / "data" / "toyworld"))
+    import run
+    sample = lambda ok, calls: {"correct": ok, "tool_calls": calls, "turns": 3, "finish_reason": "answer"}
+    results = [{"id": "a", "samples": [sample(1.0, {"image_search": 1})]},
+               {"id": "b", "samples": [sample(0.0, {"image_search": 1})]},
+               {"id": "c", "samples": [sample(1.0, {})]}]
+    row = run.stage_table("grpo", results, {"a": "whole", "b": "whole", "c": "visual"}, unseen={"b"})
+    assert row["acc"] == 2 / 3 and row["acc whole"] == 0.5 and row["acc unseen"] == 0.0
+    assert "acc unseen" not in run.stage_table("grpo", results, {"a": "whole", "b": "whole", "c": "visual"})

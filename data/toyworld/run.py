@@ -35,6 +35,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="world, SFT and GRPO seed")
     ap.add_argument("--fast", action="store_true", help="a small world and short runs (for CI)")
     ap.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps")
+    ap.add_argument("--sft-lr", type=float, default=3e-3, help="SFT learning rate")
     ap.add_argument("--sft-batch-tokens", type=int, default=8192, help="padded tokens per SFT step")
     ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO optimizer steps")
     ap.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
@@ -89,14 +90,18 @@ def run(stage, cmd, log):
     print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
 
 
-def stage_table(name, results, types):
-    """One row of the summary table from an eval's results.jsonl lines."""
+def stage_table(name, results, types, unseen=()):
+    """One row of the summary table from an eval's results.jsonl lines. unseen: the ids of the
+    knowledge questions (all but `visual`) about a landmark no training task shows."""
     samples = [(types[r["id"]], s) for r in results if "error" not in r for s in r["samples"]]
     n = max(1, len(samples))
     row = {"stage": name, "acc": sum(s["correct"] or 0 for _, s in samples) / n}
     for t in sorted(set(types.values())):
         of_type = [s for k, s in samples if k == t]
         row[f"acc {t}"] = sum(s["correct"] or 0 for s in of_type) / max(1, len(of_type))
+    if unseen:   # its facts were never in the SFT data: right only by searching and copying from the page
+        new = [s for r in results if r["id"] in unseen and "error" not in r for s in r["samples"]]
+        row["acc unseen"] = sum(s["correct"] or 0 for s in new) / max(1, len(new))
     visual = [s for k, s in samples if k == "visual"]
     row["searches/q (visual)"] = sum(sum(s["tool_calls"].get(x, 0) for x in SEARCHES) for s in visual) / max(1, len(visual))
     row["crops/q"] = sum(s["tool_calls"].get("crop", 0) for _, s in samples) / n
@@ -190,7 +195,7 @@ def main(argv=None):
     evaluate("init", world / "model")
     if not (out / "sft" / "final" / "config.json").exists():
         run("sft", [py, ROOT / "train_sft.py", "--model", world / "model", "--data", world / "sft.jsonl",
-                    "--out", out / "sft", "--steps", args.sft_steps, "--lr", "3e-3", "--warmup", "20",
+                    "--out", out / "sft", "--steps", args.sft_steps, "--lr", args.sft_lr, "--warmup", "20",
                     "--batch-tokens", args.sft_batch_tokens, "--seed", args.seed, "--save-every", "100", "--keep-last", "1",
                     "--quiet", "--resume"], log)
     evaluate("sft", out / "sft" / "final")
@@ -204,15 +209,21 @@ def main(argv=None):
                      *(["--expert-data", world / "expert.jsonl"] if args.ahpo else [])], log)
     evaluate("grpo", out / "grpo" / "final")
 
-    types = {json.loads(line)["id"]: json.loads(line)["type"] for line in (world / "test.jsonl").read_text().splitlines()}
+    test = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
+    types = {t["id"]: t["type"] for t in test}
+    shown = set()   # the landmarks the training tasks show
+    for t in map(json.loads, (world / "train.jsonl").read_text().splitlines()):
+        shown |= {t["entity"], *(t["corners"] or {}).values()}
+    unseen = {t["id"] for t in test if t["type"] != "visual" and t["entity"] not in shown}
     rows = []
     for stage in ("init", "sft", "grpo"):
         for suffix, label in [("", "tools"), ("_notools", "no tools")]:
             lines = [json.loads(line) for line in (out / f"eval_{stage}{suffix}" / "results.jsonl").read_text().splitlines()]
-            rows.append(stage_table(f"{stage} ({label})", lines, types))
+            rows.append(stage_table(f"{stage} ({label})", lines, types, unseen))
     table = markdown(rows)
     minutes = (time.time() - t_start) / 60
-    (out / "results.md").write_text(f"{table}\n\n{len(types)} held-out test tasks, greedy; this run {minutes:.1f} min\n")
+    (out / "results.md").write_text(f"{table}\n\n{len(types)} held-out test tasks ({len(unseen)} knowledge questions "
+                                    f"about landmarks no training task shows: acc unseen), greedy; this run {minutes:.1f} min\n")
     curves_page(out, out / "curves.html")
     print(f"\n{table}\n\ntest tasks: {len(types)} (greedy). Report: {out / 'eval_grpo' / 'report.html'}; "
           f"curves: {out / 'curves.html'}; table: {out / 'results.md'}; {minutes:.1f} min")
