@@ -26,6 +26,9 @@ def test_main_command_fast_variant(tmp_path):
         assert row in table, row
     assert json.loads((out / "grpo" / "args.json").read_text())["max_turns"] == 6      # Mini-o3: a short budget
     assert json.loads((out / "eval_grpo" / "summary.json").read_text())["settings"]["max_turns"] == 8   # more at test
+    assert "answered with the page's (moved) year" in table and (out / "eval_grpo_moved" / "summary.json").exists()
+    moved = (out / "world" / "corpus_moved.jsonl").read_text()
+    assert "completed in" in moved and moved != (out / "world" / "corpus.jsonl").read_text()
     assert "<svg" in (out / "curves.html").read_text() and (out / "eval_grpo" / "report.html").exists()
     rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows[-1]["dlogp_max"] < 1e-3

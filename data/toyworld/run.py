@@ -12,11 +12,14 @@ resumes an interrupted training run):
     4. eval sft
     5. grpo       train_grpo.py from the SFT model on the train tasks (val tasks evaluated as it goes)
     6. eval grpo  (and its HTML report)
+    The SFT and GRPO models are also evaluated on moved pages (every year moved by 311): an agent
+    that reads the page answers the moved year, one that recalls the landmark the true one.
 Then a table per stage (accuracy overall and per question type, tool use, turns, finish reasons)
 is printed and written to results.md, and curves.html draws the training curves.
 """
 import argparse
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -114,6 +117,31 @@ def stage_table(name, results, types, unseen=()):
     return row
 
 
+def moved_year(year):
+    return str(int(year) + (311 if int(year) < 1500 else -311))
+
+
+def moved_corpus(world):
+    """world/corpus_moved.jsonl: the pages with every "completed in YYYY" year moved (moved_year)."""
+    path = world / "corpus_moved.jsonl"
+    if not path.exists():
+        pages = [json.loads(line) for line in (world / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
+        for page in pages:
+            page["text"] = re.sub(r"completed in (\d{4})", lambda m: "completed in " + moved_year(m.group(1)), page["text"])
+        path.write_text("".join(json.dumps(page) + "\n" for page in pages), encoding="utf-8")
+    return path
+
+
+def reading_line(stage, results, tasks):
+    """What the model answered the knowledge questions with, on moved pages."""
+    answers = [((s["answer"] or "").strip(), tasks[r["id"]]["answers"][0]) for r in results
+               if "error" not in r and tasks[r["id"]]["type"] != "visual" for s in r["samples"]]
+    page = sum(a == moved_year(y) for a, y in answers)
+    memory = sum(a == y for a, y in answers)
+    return (f"{stage}: of {len(answers)} knowledge questions, {page} answered with the page's (moved) year, "
+            f"{memory} with the true year")
+
+
 def markdown(rows):
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -179,18 +207,23 @@ def main(argv=None):
         run("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, "--k", args.k, "--visit-chars",
                       args.visit_chars, "--crop-upscale", args.crop_upscale, *size, *args.world_args.split()], log)
     system = ["--system", (world / "system.txt").read_text(encoding="utf-8")]
-    tool_flags = ["--backend", "local", "--corpus", world / "corpus.jsonl", "--image-index", world / "images.jsonl",
-                  "--k", args.k, "--visit-chars", args.visit_chars, "--crop-upscale", args.crop_upscale, "--cache", "",
-                  "--max-new-tokens", "96", "--max-context", "4096"]
+
+    def tool_flags(corpus=world / "corpus.jsonl"):
+        return ["--backend", "local", "--corpus", corpus, "--image-index", world / "images.jsonl", "--k", args.k,
+                "--visit-chars", args.visit_chars, "--crop-upscale", args.crop_upscale, "--cache", "",
+                "--max-new-tokens", "96", "--max-context", "4096"]
 
     def evaluate(stage, model):
-        for suffix, extra in [("", ["--html", out / f"eval_{stage}" / "report.html", *system]), ("_notools", ["--no-tools"])]:
+        variants = [("", [*tool_flags(), "--html", out / f"eval_{stage}" / "report.html", *system]),
+                    ("_notools", [*tool_flags(), "--no-tools"])]
+        if stage != "init":   # does it read the page? (see moved_corpus)
+            variants.append(("_moved", [*tool_flags(moved_corpus(world)), *system]))
+        for suffix, extra in variants:
             folder = out / f"eval_{stage}{suffix}"
             if not (folder / "summary.json").exists():
                 run(f"eval {stage}{suffix.replace('_', ' ')}",
                     [py, ROOT / "eval.py", "--model", model, "--data", world / "test.jsonl", "--out", folder,
-                     "--batch", "64", "--resume", "--temperature", "0", "--max-turns", args.eval_turns, *tool_flags,
-                     *extra], log)
+                     "--batch", "64", "--resume", "--temperature", "0", "--max-turns", args.eval_turns, *extra], log)
 
     evaluate("init", world / "model")
     if not (out / "sft" / "final" / "config.json").exists():
@@ -205,7 +238,7 @@ def main(argv=None):
                      "--lr", args.grpo_lr, "--temperature", args.temperature, "--tasks-per-step", "8",
                      "--group-size", "8", "--rollout-batch", "64", "--eval-every", max(1, args.grpo_steps // 4),
                      "--save-every", "10", "--keep-last", "1", "--seed", args.seed, "--quiet", "--resume",
-                     "--max-turns", args.train_turns, *tool_flags, *system, *args.grpo_args.split(),
+                     "--max-turns", args.train_turns, *tool_flags(), *system, *args.grpo_args.split(),
                      *(["--expert-data", world / "expert.jsonl"] if args.ahpo else [])], log)
     evaluate("grpo", out / "grpo" / "final")
 
@@ -220,7 +253,10 @@ def main(argv=None):
         for suffix, label in [("", "tools"), ("_notools", "no tools")]:
             lines = [json.loads(line) for line in (out / f"eval_{stage}{suffix}" / "results.jsonl").read_text().splitlines()]
             rows.append(stage_table(f"{stage} ({label})", lines, types, unseen))
-    table = markdown(rows)
+    by_id = {t["id"]: t for t in test}
+    reading = [reading_line(stage, [json.loads(line) for line in (out / f"eval_{stage}_moved" / "results.jsonl")
+                                    .read_text().splitlines()], by_id) for stage in ("sft", "grpo")]
+    table = markdown(rows) + "\n\nOn moved pages (every year moved by 311):\n" + "\n".join(f"- {line}" for line in reading)
     minutes = (time.time() - t_start) / 60
     (out / "results.md").write_text(f"{table}\n\n{len(types)} held-out test tasks ({len(unseen)} knowledge questions "
                                     f"about landmarks no training task shows: acc unseen), greedy; this run {minutes:.1f} min\n")
