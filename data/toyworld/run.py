@@ -14,8 +14,8 @@ resumes an interrupted training run):
     6. eval grpo  (and its HTML report)
     The SFT and GRPO models are also evaluated on moved pages (every year moved by 311): an agent
     that reads the page answers the moved year, one that recalls the landmark the true one.
-Then a table per stage (accuracy overall and per question type, tool use, turns, finish reasons)
-is printed and written to results.md, and curves.html draws the training curves.
+Then a table per stage (accuracy overall, per question type and on landmarks no training task
+shows; tool use, turns, finish reasons) and the moved-page counts are printed and written to results.md, and curves.html draws the training curves.
 """
 import argparse
 import json
@@ -102,7 +102,7 @@ def stage_table(name, results, types, unseen=()):
     for t in sorted(set(types.values())):
         of_type = [s for k, s in samples if k == t]
         row[f"acc {t}"] = sum(s["correct"] or 0 for s in of_type) / max(1, len(of_type))
-    if unseen:   # its facts were never in the SFT data: right only by searching and copying from the page
+    if unseen:   # the asked landmark is in no SFT trajectory: memory cannot know its year
         new = [s for r in results if r["id"] in unseen and "error" not in r for s in r["samples"]]
         row["acc unseen"] = sum(s["correct"] or 0 for s in new) / max(1, len(new))
     visual = [s for k, s in samples if k == "visual"]
@@ -128,7 +128,9 @@ def moved_corpus(world):
         pages = [json.loads(line) for line in (world / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
         for page in pages:
             page["text"] = re.sub(r"completed in (\d{4})", lambda m: "completed in " + moved_year(m.group(1)), page["text"])
-        path.write_text("".join(json.dumps(page) + "\n" for page in pages), encoding="utf-8")
+        tmp = path.with_suffix(".tmp")   # then renamed: a kill never leaves half a corpus to be reused
+        tmp.write_text("".join(json.dumps(page) + "\n" for page in pages), encoding="utf-8")
+        tmp.replace(path)
     return path
 
 
