@@ -58,11 +58,21 @@ def test_prepare_small_world(tmp_path):
     assert visits and all(re.search(r"URL: http://toyworld.local/page/\d{3}\n\n(Construction was completed in "
                                     r"\d{4}|Its twin is the \w+ \w+)\.$", v) for v in visits)   # the goal's sentence only
     tasks = {t["id"]: t for t in core.load_jsonl(out / "train.jsonl")}
-    for record in sft + expert:
+    for record in sft + expert:   # those read on moved pages answer the page's (moved) year
         assert core.check_trajectory_record(record) is None
         traj = core.trajectory_from_record(policy, record, out)
-        value, parts = core.reward(traj, tasks[record["id"]])
+        task = tasks[record["id"]]
+        value, parts = core.reward(traj, dict(task, answers=task["moved_answers"]) if record.get("pages") else task)
         assert parts["correct"] == 1.0 and parts["format"] == 1.0
+    # about half the searched trajectories read the moved pages: there the page, not memory, is right
+    moved = [r for r in sft if r.get("pages") == "moved"]
+    searched = [r for r in sft if '"name": "visit"' in str(r["messages"])]
+    assert len(moved) == stats["moved"] and 0.25 * len(searched) < len(moved) < 0.75 * len(searched)
+    for r in moved:
+        task = tasks[r["id"]]
+        page = [m["content"][0]["text"] for m in r["messages"] if m["role"] == "tool"][-1]
+        assert f"completed in {task['moved_answers'][0]}." in page and task["answers"][0] not in page
+        assert task["moved_answers"] != task["answers"]
     calls = [[m["content"] for m in r["messages"] if m["role"] == "assistant"] for r in expert]
     assert all(tasks[r["id"]]["type"] == "hard" for r in expert)
     assert all(sum('"name": "crop"' in c for c in turns) == 1 for turns in calls)   # the expert crops the right corner

@@ -32,6 +32,12 @@ years: when to search is the decision left for GRPO to learn from the reward, an
 papers report RL learning. Test scenes are never seen in training, and a share of the landmarks
 (--unseen) appear only in test questions.
 
+Memory and the page agree on every landmark, so an SFT model may learn to answer a searched
+question from the picture and never read the page (the README's moved-pages check found five SFT
+models of six doing so). On a share of the searched trajectories (--moved, default half) the oracle
+searches the same way but reads `corpus_moved.jsonl`, where every page's year is moved by 311
+(moved_year), and answers the page's year: there, copying the page is the only way to be right.
+
 Made so that a tiny model can copy what it needs out of a tool's answer (a 2-layer model copies
 the way an induction head does, we believe: find the token before the one to copy elsewhere in the
 context, take the token after it; so that token should be rare there). README has the measurements:
@@ -45,11 +51,15 @@ context, take the token after it; so that token should be rare there). README ha
 
     images/            landmark pictures and question scenes (PNG)
     corpus.jsonl       the pages: id, title, url, text (the local text search and page store)
+    corpus_moved.jsonl the same pages with every year moved (moved_year): the --moved trajectories' pages,
+                       and the main command's check that a model reads
     images.jsonl       the image index: image, title, url, snippet (the local image search)
-    train.jsonl        tasks: id, type, image, question, answers (GRPO prompts)
+    train.jsonl        tasks: id, type, image, question, answers (GRPO prompts), moved_answers (the
+                       answer on corpus_moved.jsonl; knowledge questions)
     val.jsonl, test.jsonl   held-out tasks (new scenes; test also has the unseen landmarks)
     sft.jsonl          oracle trajectories for train tasks, made by forcing the oracle's text
-                       through the real rollout loop and tools (kept where the answer is right)
+                       through the real rollout loop and tools (kept where the answer is right);
+                       those read on the moved pages carry "pages": "moved"
     expert.jsonl       for hard train tasks, the direct path (the right corner first): AHPO's expert data
     system.txt         the world's short system prompt (used by the SFT data, eval and GRPO)
     model/             a tiny random Qwen2.5-VL (2 layers, hidden 128, tied embeddings) and its BPE
@@ -91,6 +101,11 @@ SYSTEM = ("Answer the question about the image. Think inside <think>...</think>,
           "into a box [x1, y1, x2, y2] in pixels of the image as you see it; image_search(image) finds "
           "pages about an image; text_search(query); visit(url, goal) reads a page. Images are numbered "
           "0 for the question image, then 1, 2, ... as they come.")
+
+
+def moved_year(year):
+    """The year a moved page gives: 311 years off, inside the world's range of years."""
+    return str(int(year) + (311 if int(year) < 1500 else -311))
 
 
 def name(rng, parts=2):
@@ -196,9 +211,10 @@ def make_task(t, kind_of_task, entities, pool, rng, out):
     e = entities[m]
     scene.save(out / "images" / f"scene_{t:04d}.png")
     answer = e["shape"] if kind_of_task == "visual" else entities[e["twin"]]["year"] if kind_of_task == "twohop" else e["year"]
-    return {"id": f"toy{t:04d}", "type": kind_of_task, "image": f"images/scene_{t:04d}.png",
+    task = {"id": f"toy{t:04d}", "type": kind_of_task, "image": f"images/scene_{t:04d}.png",
             "question": QUESTIONS[kind_of_task].format(kind=e["kind"], corner=corner),
             "answers": [answer], "entity": m, "corner": corner, "corners": corners}
+    return task if kind_of_task == "visual" else dict(task, moved_answers=[moved_year(answer)])
 
 
 def oracle_box(corner, convention, shown):
@@ -213,7 +229,7 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, moved=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -224,7 +240,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
                  kind, then visit it: a wrong crop followed by a recovery (Mini-o3's trial and error)
     The oracle sees what the tools will return: box(corner) is a corner's box in the policy's
     convention, see(corner or None) the image search's results on that crop (or the whole image),
-    find(query) the text search's; by_url maps a url to its landmark."""
+    find(query) the text search's; by_url maps a url to its landmark. moved: the pages read are the
+    moved ones (the answer is the page's moved year)."""
     call = core.format_tool_call
     e = entities[task["entity"]]
     kind = e["kind"]
@@ -265,6 +282,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
             hits = find(twin)
         turns.append("<think>I will read the top result.</think>\n" + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
     year = by_url[hits[0]["url"]]["year"]
+    year = moved_year(year) if moved else year
     turns.append(f"<think>The page says: Construction was completed in {year}.</think>\n<answer>{year}</answer>")
     return turns
 
@@ -281,6 +299,8 @@ def main(argv=None):
                     help="question types and their shares, of visual, whole, crop, twohop, hard")
     ap.add_argument("--direct", type=float, default=0.5,
                     help="share of knowledge questions the oracle answers from memory, without searching")
+    ap.add_argument("--moved", type=float, default=0.5, help="share of the searched oracle trajectories that read "
+                    "the moved pages (corpus_moved.jsonl) and answer the page's year: reading is the only way to be right")
     ap.add_argument("--typos", type=float, default=0.3, help="share of two-hop oracle trajectories whose first "
                     "text search misspells the name, finds nothing and is revised")
     ap.add_argument("--k", type=int, default=3, help="image search results the oracle sees (use the same --k in eval and GRPO)")
@@ -314,6 +334,9 @@ def main(argv=None):
         index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(page=e["page"]),
                       "snippet": f"{e['title']}, a {e['kind']} in {e['city']}."})
     write_jsonl(out / "corpus.jsonl", corpus)
+    write_jsonl(out / "corpus_moved.jsonl", [dict(d, text=d["text"].replace(f"completed in {e['year']}.",
+                                                                           f"completed in {moved_year(e['year'])}."))
+                                             for d, e in zip(corpus, entities)])
     write_jsonl(out / "images.jsonl", index)
 
     # 2. tasks: train/val on the seen landmarks; test on seen and unseen ones (new scenes in any case)
@@ -347,13 +370,17 @@ def main(argv=None):
     # 4. oracle trajectories through the real loop and tools, kept where the answer is right
     text = tools.LocalTextSearch(out / "corpus.jsonl")
     image_search = tools.LocalImageSearch(out / "images.jsonl")
-    toolbox = tools.Toolbox(text_search=text, image_search=image_search, pages=text,
-                            convention=policy.crop_convention, shown_size=policy.shown_size, k=args.k,
-                            visit_chars=args.visit_chars, crop_settings=tools.CropSettings(upscale_to=args.crop_upscale))
+
+    def toolbox(pages):
+        return tools.Toolbox(text_search=pages, image_search=image_search, pages=pages,
+                             convention=policy.crop_convention, shown_size=policy.shown_size, k=args.k,
+                             visit_chars=args.visit_chars, crop_settings=tools.CropSettings(upscale_to=args.crop_upscale))
+    real, moved_pages = toolbox(text), toolbox(tools.LocalTextSearch(out / "corpus_moved.jsonl"))
     rows = [dict(t, _root=str(out)) for t in train]
     by_url = {URL.format(page=e["page"]): e for e in entities}
-    scripts, experts = {}, {}
-    typo_rng = random.Random(args.seed + 1)   # its own stream: the world's other draws stay as they were
+    scripts, experts, moved = {}, {}, set()
+    typo_rng = random.Random(args.seed + 1)   # its own streams: the world's other draws stay as they were
+    moved_rng = random.Random(args.seed + 2)
     for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
         shown = policy.shown_size(image)
@@ -362,7 +389,7 @@ def main(argv=None):
             return oracle_box(corner, policy.crop_convention, shown)
 
         def see(corner):
-            query = tools.crop(image, box(corner), policy.crop_convention, shown, toolbox.crop_settings) \
+            query = tools.crop(image, box(corner), policy.crop_convention, shown, real.crop_settings) \
                 if corner else image
             return image_search.search(query, args.k)
 
@@ -373,11 +400,14 @@ def main(argv=None):
             order = rng.sample(list(task["corners"]), len(task["corners"]))
             experts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order=(task["corner"],))
         typo = task["type"] == "twohop" and typo_rng.random() < args.typos
-        scripts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order, typo)
+        searched = task["type"] != "visual" and not task["direct"]
+        if searched and moved_rng.random() < args.moved:
+            moved.add(task["id"])
+        scripts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order, typo, task["id"] in moved)
 
-    def replay(rows, scripts, crops):
+    def replay(rows, scripts, crops, pages=real):
         """The scripted turns through the real rollout loop and tools; records of the right answers."""
-        trajs = core.rollout(policy, rows, toolbox, max_turns=10, max_images=6, max_context=8192, system=SYSTEM,
+        trajs = core.rollout(policy, rows, pages, max_turns=10, max_images=6, max_context=8192, system=SYSTEM,
                              forced=lambda task, turn: scripts[task["id"]][turn], progress=False)
         records, stats = [], {k: [0, 0] for k in mix}
         for task, traj in zip(rows, trajs):
@@ -387,7 +417,13 @@ def main(argv=None):
                 stats[task["type"]][0] += 1
                 records.append(core.trajectory_to_record(traj, image_dir=out / "images" / crops))
         return records, stats
-    records, stats = replay(rows, scripts, "crops")
+    records, stats = replay([r for r in rows if r["id"] not in moved], scripts, "crops")
+    moved_records, moved_stats = replay([dict(r, answers=r["moved_answers"]) for r in rows if r["id"] in moved],
+                                        scripts, "crops", moved_pages)
+    for k, (right, n) in moved_stats.items():
+        stats[k] = [stats[k][0] + right, stats[k][1] + n]
+    records += [dict(r, pages="moved") for r in moved_records]
+    records.sort(key=lambda r: r["id"])
     expert_records, _ = replay([r for r in rows if r["id"] in experts], experts, "expert_crops")
     write_jsonl(out / "sft.jsonl", records)
     write_jsonl(out / "expert.jsonl", expert_records)
@@ -399,10 +435,10 @@ def main(argv=None):
     revised = sum(any(m["role"] == "tool" and "No results." in str(m["content"]) for m in r["messages"]) for r in records)
     print("oracle: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in stats.items())
           + f" correct ({direct} answered from memory, {recovered} recover from a wrong crop, "
-          f"{revised} revise an empty search); "
+          f"{revised} revise an empty search, {len(moved_records)} read moved pages); "
           f"{len(records)} SFT trajectories, {len(expert_records)} expert (AHPO) trajectories")
     return {"train": len(train), "val": len(val), "test": len(test), "sft": len(records), "direct": direct,
-            "expert": len(expert_records), "recovered": recovered, "revised": revised, "oracle": {k: tuple(v) for k, v in stats.items()}}
+            "expert": len(expert_records), "moved": len(moved_records), "recovered": recovered, "revised": revised, "oracle": {k: tuple(v) for k, v in stats.items()}}
 
 
 def write_jsonl(path, rows):

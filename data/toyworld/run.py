@@ -12,14 +12,14 @@ resumes an interrupted training run):
     4. eval sft
     5. grpo       train_grpo.py from the SFT model on the train tasks (val tasks evaluated as it goes)
     6. eval grpo  (and its HTML report)
-    The SFT and GRPO models are also evaluated on moved pages (every year moved by 311): an agent
-    that reads the page answers the moved year, one that recalls the landmark the true one.
+    The SFT and GRPO models are also evaluated on the world's moved pages (corpus_moved.jsonl, every
+    year moved by 311): an agent that reads the page answers the moved year, one that recalls the
+    landmark the true one.
 Then a table per stage (accuracy overall, per question type and on landmarks no training task
 shows; tool use, turns, finish reasons) and the moved-page counts are printed and written to results.md, and curves.html draws the training curves.
 """
 import argparse
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -117,29 +117,12 @@ def stage_table(name, results, types, unseen=()):
     return row
 
 
-def moved_year(year):
-    return str(int(year) + (311 if int(year) < 1500 else -311))
-
-
-def moved_corpus(world):
-    """world/corpus_moved.jsonl: the pages with every "completed in YYYY" year moved (moved_year)."""
-    path = world / "corpus_moved.jsonl"
-    if not path.exists():
-        pages = [json.loads(line) for line in (world / "corpus.jsonl").read_text(encoding="utf-8").splitlines()]
-        for page in pages:
-            page["text"] = re.sub(r"completed in (\d{4})", lambda m: "completed in " + moved_year(m.group(1)), page["text"])
-        tmp = path.with_suffix(".tmp")   # then renamed: a kill never leaves half a corpus to be reused
-        tmp.write_text("".join(json.dumps(page) + "\n" for page in pages), encoding="utf-8")
-        tmp.replace(path)
-    return path
-
-
 def reading_line(stage, results, tasks):
     """What the model answered the knowledge questions with, on moved pages."""
-    answers = [((s["answer"] or "").strip(), tasks[r["id"]]["answers"][0]) for r in results
-               if "error" not in r and tasks[r["id"]]["type"] != "visual" for s in r["samples"]]
-    page = sum(a == moved_year(y) for a, y in answers)
-    memory = sum(a == y for a, y in answers)
+    answers = [((s["answer"] or "").strip(), tasks[r["id"]]) for r in results
+               if "error" not in r and "moved_answers" in tasks[r["id"]] for s in r["samples"]]
+    page = sum(a == t["moved_answers"][0] for a, t in answers)
+    memory = sum(a == t["answers"][0] for a, t in answers)
     return (f"{stage}: of {len(answers)} knowledge questions, {page} answered with the page's (moved) year, "
             f"{memory} with the true year")
 
@@ -205,6 +188,9 @@ def main(argv=None):
     py = sys.executable
     t_start = time.time()
     size = ["--entities", "40", "--tasks", "240"] if args.fast else []
+    if (world / "sft.jsonl").exists() and not (world / "corpus_moved.jsonl").exists():
+        raise SystemExit(f"{world} was made before the world had moved pages (corpus_moved.jsonl): "
+                         "give this run another --out, or delete the folder to start over.")
     if not (world / "sft.jsonl").exists():
         run("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, "--k", args.k, "--visit-chars",
                       args.visit_chars, "--crop-upscale", args.crop_upscale, *size, *args.world_args.split()], log)
@@ -218,8 +204,8 @@ def main(argv=None):
     def evaluate(stage, model):
         variants = [("", [*tool_flags(), "--html", out / f"eval_{stage}" / "report.html", *system]),
                     ("_notools", [*tool_flags(), "--no-tools"])]
-        if stage != "init":   # does it read the page? (see moved_corpus)
-            variants.append(("_moved", [*tool_flags(moved_corpus(world)), *system]))
+        if stage != "init":   # does it read the page? (the world's pages with every year moved)
+            variants.append(("_moved", [*tool_flags(world / "corpus_moved.jsonl"), *system]))
         for suffix, extra in variants:
             folder = out / f"eval_{stage}{suffix}"
             if not (folder / "summary.json").exists():
