@@ -58,21 +58,25 @@ def test_prepare_small_world(tmp_path):
     assert visits and all(re.search(r"URL: http://toyworld.local/page/\d{3}\n\n(Construction was completed in "
                                     r"\d{4}|Its twin is the \w+ \w+)\.$", v) for v in visits)   # the goal's sentence only
     tasks = {t["id"]: t for t in core.load_jsonl(out / "train.jsonl")}
-    for record in sft + expert:   # those read on moved pages answer the page's (moved) year
+    for record in sft + expert:   # those that read re-dated pages answer the page's year
         assert core.check_trajectory_record(record) is None
         traj = core.trajectory_from_record(policy, record, out)
-        task = tasks[record["id"]]
-        value, parts = core.reward(traj, dict(task, answers=task["moved_answers"]) if record.get("pages") else task)
+        value, parts = core.reward(traj, dict(tasks[record["id"]], answers=record.get("answers") or tasks[record["id"]]["answers"]))
         assert parts["correct"] == 1.0 and parts["format"] == 1.0
-    # about half the searched trajectories read the moved pages: there the page, not memory, is right
-    moved = [r for r in sft if r.get("pages") == "moved"]
+    # about half the searched trajectories read re-dated pages: there the page, not memory, is right,
+    # and no landmark keeps one re-dated year (nor the eval's moved year)
+    redated = [r for r in sft if "pages" in r]
     searched = [r for r in sft if '"name": "visit"' in str(r["messages"])]
-    assert len(moved) == stats["moved"] and 0.25 * len(searched) < len(moved) < 0.75 * len(searched)
-    for r in moved:
+    assert len(redated) == stats["redated"] and 0.25 * len(searched) < len(redated) < 0.75 * len(searched)
+    years = {}
+    for r in redated:
         task = tasks[r["id"]]
         page = [m["content"][0]["text"] for m in r["messages"] if m["role"] == "tool"][-1]
-        assert f"completed in {task['moved_answers'][0]}." in page and task["answers"][0] not in page
-        assert task["moved_answers"] != task["answers"]
+        assert f"completed in {r['answers'][0]}." in page and task["answers"][0] not in page
+        assert r["answers"][0] not in task["answers"] + task["moved_answers"]
+        years.setdefault(task["entity"], []).append(r["answers"][0])
+    again = [y for y in years.values() if len(y) > 1]   # landmarks read re-dated more than once
+    assert again and sum(len(set(y)) > 1 for y in again) > 0.5 * len(again)
     calls = [[m["content"] for m in r["messages"] if m["role"] == "assistant"] for r in expert]
     assert all(tasks[r["id"]]["type"] == "hard" for r in expert)
     assert all(sum('"name": "crop"' in c for c in turns) == 1 for turns in calls)   # the expert crops the right corner

@@ -34,9 +34,13 @@ papers report RL learning. Test scenes are never seen in training, and a share o
 
 Memory and the page agree on every landmark, so an SFT model may learn to answer a searched
 question from the picture and never read the page (the README's moved-pages check found five SFT
-models of six doing so). On a share of the searched trajectories (--moved, default half) the oracle
-searches the same way but reads `corpus_moved.jsonl`, where every page's year is moved by 311
-(moved_year), and answers the page's year: there, copying the page is the only way to be right.
+models of six doing so). On a share of the searched trajectories (--redated, default half) the
+oracle searches the same way but reads re-dated pages, where every landmark's year is drawn anew
+(REDATED copies of the corpus, one drawn per trajectory), and answers the page's year: there,
+copying the page is the only way to be right, as no landmark keeps one year a model could learn.
+(A fixed re-dating, one moved year per landmark, was tried first: the SFT and GRPO models learned
+both years of a landmark and chose between them, and read nothing on unseen landmarks.) The eval's
+check, corpus_moved.jsonl, moves every year by 311 (moved_year), a year no trajectory shows.
 
 Made so that a tiny model can copy what it needs out of a tool's answer (a 2-layer model copies
 the way an induction head does, we believe: find the token before the one to copy elsewhere in the
@@ -51,15 +55,16 @@ context, take the token after it; so that token should be rare there). README ha
 
     images/            landmark pictures and question scenes (PNG)
     corpus.jsonl       the pages: id, title, url, text (the local text search and page store)
-    corpus_moved.jsonl the same pages with every year moved (moved_year): the --moved trajectories' pages,
-                       and the main command's check that a model reads
+    corpus_moved.jsonl the same pages with every year moved (moved_year): the main command's check
+                       that a model reads the page (an agent that recalls answers the true year)
+    sft_pages/         corpus_0.jsonl ... : the re-dated pages the --redated trajectories read
     images.jsonl       the image index: image, title, url, snippet (the local image search)
     train.jsonl        tasks: id, type, image, question, answers (GRPO prompts), moved_answers (the
                        answer on corpus_moved.jsonl; knowledge questions)
     val.jsonl, test.jsonl   held-out tasks (new scenes; test also has the unseen landmarks)
     sft.jsonl          oracle trajectories for train tasks, made by forcing the oracle's text
                        through the real rollout loop and tools (kept where the answer is right);
-                       those read on the moved pages carry "pages": "moved"
+                       those that read re-dated pages carry "pages" (the corpus) and "answers"
     expert.jsonl       for hard train tasks, the direct path (the right corner first): AHPO's expert data
     system.txt         the world's short system prompt (used by the SFT data, eval and GRPO)
     model/             a tiny random Qwen2.5-VL (2 layers, hidden 128, tied embeddings) and its BPE
@@ -90,6 +95,7 @@ QUESTIONS = {"visual": "What shape is drawn on this {kind}?",
              "hard": "In what year was the {kind} in this image completed?"}
 TILE, SCENE, MARGIN = 64, (224, 160), 8
 URL = "http://toyworld.local/page/{page}"
+REDATED = 8   # re-dated copies of the corpus for the --redated trajectories
 GOAL = "when was it completed"   # the oracle's visit goal: visit keeps the sentence that answers it
 TWIN_GOAL = "its twin"           # the first visit of a two-hop question keeps "Its twin is the X."
 # The world's system prompt, short: the full tools prompt (core.system_prompt, ~400 tokens of this
@@ -229,7 +235,7 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, moved=False):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, years=None):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -240,8 +246,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, m
                  kind, then visit it: a wrong crop followed by a recovery (Mini-o3's trial and error)
     The oracle sees what the tools will return: box(corner) is a corner's box in the policy's
     convention, see(corner or None) the image search's results on that crop (or the whole image),
-    find(query) the text search's; by_url maps a url to its landmark. moved: the pages read are the
-    moved ones (the answer is the page's moved year)."""
+    find(query) the text search's; by_url maps a url to its landmark. years: the year each url's
+    page gives, when the pages read are re-dated ones."""
     call = core.format_tool_call
     e = entities[task["entity"]]
     kind = e["kind"]
@@ -281,8 +287,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, m
             turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": twin}))
             hits = find(twin)
         turns.append("<think>I will read the top result.</think>\n" + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
-    year = by_url[hits[0]["url"]]["year"]
-    year = moved_year(year) if moved else year
+    year = (years or {}).get(hits[0]["url"], by_url[hits[0]["url"]]["year"])
     turns.append(f"<think>The page says: Construction was completed in {year}.</think>\n<answer>{year}</answer>")
     return turns
 
@@ -299,8 +304,9 @@ def main(argv=None):
                     help="question types and their shares, of visual, whole, crop, twohop, hard")
     ap.add_argument("--direct", type=float, default=0.5,
                     help="share of knowledge questions the oracle answers from memory, without searching")
-    ap.add_argument("--moved", type=float, default=0.5, help="share of the searched oracle trajectories that read "
-                    "the moved pages (corpus_moved.jsonl) and answer the page's year: reading is the only way to be right")
+    ap.add_argument("--redated", type=float, default=0.5, help="share of the searched oracle trajectories that read "
+                    "re-dated pages (each landmark's year drawn anew) and answer the page's year: reading is the only "
+                    "way to be right")
     ap.add_argument("--typos", type=float, default=0.3, help="share of two-hop oracle trajectories whose first "
                     "text search misspells the name, finds nothing and is revised")
     ap.add_argument("--k", type=int, default=3, help="image search results the oracle sees (use the same --k in eval and GRPO)")
@@ -334,9 +340,10 @@ def main(argv=None):
         index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(page=e["page"]),
                       "snippet": f"{e['title']}, a {e['kind']} in {e['city']}."})
     write_jsonl(out / "corpus.jsonl", corpus)
-    write_jsonl(out / "corpus_moved.jsonl", [dict(d, text=d["text"].replace(f"completed in {e['year']}.",
-                                                                           f"completed in {moved_year(e['year'])}."))
-                                             for d, e in zip(corpus, entities)])
+    def redate(years):   # the corpus with each page's year replaced by years[url]
+        return [dict(d, text=d["text"].replace(f"completed in {e['year']}.", f"completed in {years[d['url']]}."))
+                for d, e in zip(corpus, entities)]
+    write_jsonl(out / "corpus_moved.jsonl", redate({URL.format(page=e["page"]): moved_year(e["year"]) for e in entities}))
     write_jsonl(out / "images.jsonl", index)
 
     # 2. tasks: train/val on the seen landmarks; test on seen and unseen ones (new scenes in any case)
@@ -375,12 +382,20 @@ def main(argv=None):
         return tools.Toolbox(text_search=pages, image_search=image_search, pages=pages,
                              convention=policy.crop_convention, shown_size=policy.shown_size, k=args.k,
                              visit_chars=args.visit_chars, crop_settings=tools.CropSettings(upscale_to=args.crop_upscale))
-    real, moved_pages = toolbox(text), toolbox(tools.LocalTextSearch(out / "corpus_moved.jsonl"))
+    real = toolbox(text)
+    redated_rng = random.Random(args.seed + 2)   # its own stream: the world's other draws stay as they were
+    redated = []   # (the year each url's page gives, its toolbox), REDATED times
+    (out / "sft_pages").mkdir(exist_ok=True)
+    for v in range(REDATED):
+        years = {URL.format(page=e["page"]): str(redated_rng.choice([y for y in range(1200, 2021) if str(y) not in
+                                                                     (e["year"], moved_year(e["year"]))]))
+                 for e in entities}
+        write_jsonl(out / "sft_pages" / f"corpus_{v}.jsonl", redate(years))
+        redated.append((years, toolbox(tools.LocalTextSearch(out / "sft_pages" / f"corpus_{v}.jsonl"))))
     rows = [dict(t, _root=str(out)) for t in train]
     by_url = {URL.format(page=e["page"]): e for e in entities}
-    scripts, experts, moved = {}, {}, set()
-    typo_rng = random.Random(args.seed + 1)   # its own streams: the world's other draws stay as they were
-    moved_rng = random.Random(args.seed + 2)
+    scripts, experts, variant = {}, {}, {}   # variant: the re-dated pages a task's oracle reads
+    typo_rng = random.Random(args.seed + 1)   # its own stream too
     for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
         shown = policy.shown_size(image)
@@ -401,9 +416,10 @@ def main(argv=None):
             experts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order=(task["corner"],))
         typo = task["type"] == "twohop" and typo_rng.random() < args.typos
         searched = task["type"] != "visual" and not task["direct"]
-        if searched and moved_rng.random() < args.moved:
-            moved.add(task["id"])
-        scripts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order, typo, task["id"] in moved)
+        if searched and redated_rng.random() < args.redated:
+            variant[task["id"]] = redated_rng.randrange(REDATED)
+        years = redated[variant[task["id"]]][0] if task["id"] in variant else None
+        scripts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order, typo, years)
 
     def replay(rows, scripts, crops, pages=real):
         """The scripted turns through the real rollout loop and tools; records of the right answers."""
@@ -417,13 +433,17 @@ def main(argv=None):
                 stats[task["type"]][0] += 1
                 records.append(core.trajectory_to_record(traj, image_dir=out / "images" / crops))
         return records, stats
-    records, stats = replay([r for r in rows if r["id"] not in moved], scripts, "crops")
-    moved_records, moved_stats = replay([dict(r, answers=r["moved_answers"]) for r in rows if r["id"] in moved],
-                                        scripts, "crops", moved_pages)
-    for k, (right, n) in moved_stats.items():
-        stats[k] = [stats[k][0] + right, stats[k][1] + n]
-    records += [dict(r, pages="moved") for r in moved_records]
-    records.sort(key=lambda r: r["id"])
+    records, stats = replay([r for r in rows if r["id"] not in variant], scripts, "crops")
+    redated_records = []
+    for v, (years, pages) in enumerate(redated):   # the right answer is the re-dated page's year
+        answer = {r["id"]: years[URL.format(page=entities[entities[r["entity"]]["twin"] if r["type"] == "twohop"
+                                                            else r["entity"]]["page"])] for r in rows}
+        mine = [dict(r, answers=[answer[r["id"]]]) for r in rows if variant.get(r["id"]) == v]
+        kept, seen = replay(mine, scripts, "crops", pages)
+        for k, (right, n) in seen.items():
+            stats[k] = [stats[k][0] + right, stats[k][1] + n]
+        redated_records += [dict(r, pages=f"sft_pages/corpus_{v}.jsonl", answers=[answer[r["id"]]]) for r in kept]
+    records = sorted(records + redated_records, key=lambda r: r["id"])
     expert_records, _ = replay([r for r in rows if r["id"] in experts], experts, "expert_crops")
     write_jsonl(out / "sft.jsonl", records)
     write_jsonl(out / "expert.jsonl", expert_records)
@@ -435,10 +455,10 @@ def main(argv=None):
     revised = sum(any(m["role"] == "tool" and "No results." in str(m["content"]) for m in r["messages"]) for r in records)
     print("oracle: " + ", ".join(f"{k} {a}/{b}" for k, (a, b) in stats.items())
           + f" correct ({direct} answered from memory, {recovered} recover from a wrong crop, "
-          f"{revised} revise an empty search, {len(moved_records)} read moved pages); "
+          f"{revised} revise an empty search, {len(redated_records)} read re-dated pages); "
           f"{len(records)} SFT trajectories, {len(expert_records)} expert (AHPO) trajectories")
     return {"train": len(train), "val": len(val), "test": len(test), "sft": len(records), "direct": direct,
-            "expert": len(expert_records), "moved": len(moved_records), "recovered": recovered, "revised": revised, "oracle": {k: tuple(v) for k, v in stats.items()}}
+            "expert": len(expert_records), "redated": len(redated_records), "recovered": recovered, "revised": revised, "oracle": {k: tuple(v) for k, v in stats.items()}}
 
 
 def write_jsonl(path, rows):
