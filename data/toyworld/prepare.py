@@ -340,6 +340,7 @@ def main(argv=None):
         index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(page=e["page"]),
                       "snippet": f"{e['title']}, a {e['kind']} in {e['city']}."})
     write_jsonl(out / "corpus.jsonl", corpus)
+
     def redate(years):   # the corpus with each page's year replaced by years[url]
         return [dict(d, text=d["text"].replace(f"completed in {e['year']}.", f"completed in {years[d['url']]}."))
                 for d, e in zip(corpus, entities)]
@@ -394,7 +395,7 @@ def main(argv=None):
         redated.append((years, toolbox(tools.LocalTextSearch(out / "sft_pages" / f"corpus_{v}.jsonl"))))
     rows = [dict(t, _root=str(out)) for t in train]
     by_url = {URL.format(page=e["page"]): e for e in entities}
-    scripts, experts, variant = {}, {}, {}   # variant: the re-dated pages a task's oracle reads
+    scripts, experts, variant = {}, {}, {}   # variant: (the re-dated pages a task's oracle reads, their answer)
     typo_rng = random.Random(args.seed + 1)   # its own stream too
     for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
@@ -416,10 +417,13 @@ def main(argv=None):
             experts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order=(task["corner"],))
         typo = task["type"] == "twohop" and typo_rng.random() < args.typos
         searched = task["type"] != "visual" and not task["direct"]
+        page_years = None
         if searched and redated_rng.random() < args.redated:
-            variant[task["id"]] = redated_rng.randrange(REDATED)
-        years = redated[variant[task["id"]]][0] if task["id"] in variant else None
-        scripts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order, typo, years)
+            v = redated_rng.randrange(REDATED)
+            page_years = redated[v][0]
+            asked = entities[entities[task["entity"]]["twin"]] if task["type"] == "twohop" else entities[task["entity"]]
+            variant[task["id"]] = (v, page_years[URL.format(page=asked["page"])])
+        scripts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order, typo, page_years)
 
     def replay(rows, scripts, crops, pages=real):
         """The scripted turns through the real rollout loop and tools; records of the right answers."""
@@ -435,14 +439,12 @@ def main(argv=None):
         return records, stats
     records, stats = replay([r for r in rows if r["id"] not in variant], scripts, "crops")
     redated_records = []
-    for v, (years, pages) in enumerate(redated):   # the right answer is the re-dated page's year
-        answer = {r["id"]: years[URL.format(page=entities[entities[r["entity"]]["twin"] if r["type"] == "twohop"
-                                                            else r["entity"]]["page"])] for r in rows}
-        mine = [dict(r, answers=[answer[r["id"]]]) for r in rows if variant.get(r["id"]) == v]
+    for v, (_, pages) in enumerate(redated):   # the right answer is the re-dated page's year
+        mine = [dict(r, answers=[variant[r["id"]][1]]) for r in rows if r["id"] in variant and variant[r["id"]][0] == v]
         kept, seen = replay(mine, scripts, "crops", pages)
         for k, (right, n) in seen.items():
             stats[k] = [stats[k][0] + right, stats[k][1] + n]
-        redated_records += [dict(r, pages=f"sft_pages/corpus_{v}.jsonl", answers=[answer[r["id"]]]) for r in kept]
+        redated_records += [dict(r, pages=f"sft_pages/corpus_{v}.jsonl", answers=[variant[r["id"]][1]]) for r in kept]
     records = sorted(records + redated_records, key=lambda r: r["id"])
     expert_records, _ = replay([r for r in rows if r["id"] in experts], experts, "expert_crops")
     write_jsonl(out / "sft.jsonl", records)
