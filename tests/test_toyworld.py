@@ -45,8 +45,8 @@ def test_prepare_small_world(tmp_path):
     for split in ("train", "val", "test"):
         types = {json.loads(line)["type"] for line in (out / f"{split}.jsonl").read_text().splitlines()}
         assert types == set(oracle), split
-    # deterministic for a seed
-    prepare.main(["--out", str(tmp_path / "b"), *flags])
+    # deterministic for a seed (--renumber changes only the re-dated pages' ids: checked below)
+    renumbered = prepare.main(["--out", str(tmp_path / "b"), *flags, "--renumber"])
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     # every oracle and expert trajectory replays, through the chat format, to the right answer
     policy = core.load_policy(out / "model")
@@ -77,6 +77,18 @@ def test_prepare_small_world(tmp_path):
         years.setdefault(task["entity"], []).append(r["answers"][0])
     again = [y for y in years.values() if len(y) > 1]   # landmarks read re-dated more than once
     assert again and sum(len(set(y)) > 1 for y in again) > 0.5 * len(again)
+    # the re-dated pages keep each landmark's page id; with --renumber (the same trajectories
+    # otherwise) they are shuffled, so the id visited is rarely the landmark's own
+    url = {d["title"]: d["url"] for d in core.load_jsonl(out / "corpus.jsonl")}
+
+    def visited(record):   # (title, url) of each page the trajectory read
+        return re.findall(r"Title: (.+)\nURL: (\S+)", "\n".join(m["content"][0].get("text", "") for m in record["messages"]
+                                                                 if m["role"] == "tool"))
+    assert all(url[title] == u for r in sft for title, u in visited(r))
+    shuffled = [r for r in core.load_jsonl(tmp_path / "b" / "sft.jsonl") if "pages" in r]
+    assert renumbered["sft"] == stats["sft"] and [r["answers"] for r in shuffled] == [r["answers"] for r in redated]
+    reads = [url[title] == u for r in shuffled for title, u in visited(r)]
+    assert reads and sum(reads) < 0.2 * len(reads)
     calls = [[m["content"] for m in r["messages"] if m["role"] == "assistant"] for r in expert]
     assert all(tasks[r["id"]]["type"] == "hard" for r in expert)
     assert all(sum('"name": "crop"' in c for c in turns) == 1 for turns in calls)   # the expert crops the right corner

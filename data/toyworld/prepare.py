@@ -41,6 +41,9 @@ copying the page is the only way to be right, as no landmark keeps one year a mo
 (A fixed re-dating, one moved year per landmark, was tried first: the SFT and GRPO models learned
 both years of a landmark and chose between them, and read nothing on unseen landmarks.) The eval's
 check, corpus_moved.jsonl, moves every year by 311 (moved_year), a year no trajectory shows.
+The same holds for the page id the agent visits: a model can learn each landmark's id by heart
+and never copy it from the search results (it then opens wrong pages on landmarks it never saw);
+--renumber also shuffles the page ids among the landmarks in each re-dated copy.
 
 Made so that a tiny model can copy what it needs out of a tool's answer (a 2-layer model copies
 the way an induction head does, we believe: find the token before the one to copy elsewhere in the
@@ -57,7 +60,8 @@ context, take the token after it; so that token should be rare there). README ha
     corpus.jsonl       the pages: id, title, url, text (the local text search and page store)
     corpus_moved.jsonl the same pages with every year moved (moved_year): the main command's check
                        that a model reads the page (an agent that recalls answers the true year)
-    sft_pages/         corpus_0.jsonl ... : the re-dated pages the --redated trajectories read
+    sft_pages/         corpus_0.jsonl ... : the re-dated pages the --redated trajectories read, and
+                       images_0.jsonl ...: their image indexes (the urls differ with --renumber)
     images.jsonl       the image index: image, title, url, snippet (the local image search)
     train.jsonl        tasks: id, type, image, question, answers (GRPO prompts), moved_answers (the
                        answer on corpus_moved.jsonl; knowledge questions)
@@ -235,7 +239,7 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, years=None):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -246,8 +250,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, y
                  kind, then visit it: a wrong crop followed by a recovery (Mini-o3's trial and error)
     The oracle sees what the tools will return: box(corner) is a corner's box in the policy's
     convention, see(corner or None) the image search's results on that crop (or the whole image),
-    find(query) the text search's; by_url maps a url to its landmark. years: the year each url's
-    page gives, when the pages read are re-dated ones."""
+    find(query) the text search's; by_url maps a url to its landmark as the pages read tell it
+    (their year: a re-dated copy's own)."""
     call = core.format_tool_call
     e = entities[task["entity"]]
     kind = e["kind"]
@@ -287,7 +291,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, y
             turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": twin}))
             hits = find(twin)
         turns.append("<think>I will read the top result.</think>\n" + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
-    year = (years or {}).get(hits[0]["url"], by_url[hits[0]["url"]]["year"])
+    year = by_url[hits[0]["url"]]["year"]
     turns.append(f"<think>The page says: Construction was completed in {year}.</think>\n<answer>{year}</answer>")
     return turns
 
@@ -307,6 +311,9 @@ def main(argv=None):
     ap.add_argument("--redated", type=float, default=0.5, help="share of the searched oracle trajectories that read "
                     "re-dated pages (each landmark's year drawn anew) and answer the page's year: reading is the only "
                     "way to be right")
+    ap.add_argument("--renumber", action="store_true", help="the re-dated copies also give the pages new ids "
+                    "(the ids shuffled among the landmarks): the page to visit must be copied from the search "
+                    "results, as no landmark keeps one id a model could learn")
     ap.add_argument("--typos", type=float, default=0.3, help="share of two-hop oracle trajectories whose first "
                     "text search misspells the name, finds nothing and is revised")
     ap.add_argument("--k", type=int, default=3, help="image search results the oracle sees (use the same --k in eval and GRPO)")
@@ -341,10 +348,12 @@ def main(argv=None):
                       "snippet": f"{e['title']}, a {e['kind']} in {e['city']}."})
     write_jsonl(out / "corpus.jsonl", corpus)
 
-    def redate(years):   # the corpus with each page's year replaced by years[url]
-        return [dict(d, text=d["text"].replace(f"completed in {e['year']}.", f"completed in {years[d['url']]}."))
-                for d, e in zip(corpus, entities)]
-    write_jsonl(out / "corpus_moved.jsonl", redate({URL.format(page=e["page"]): moved_year(e["year"]) for e in entities}))
+    ids = [e["page"] for e in entities]
+
+    def version(years, pages):   # the corpus with landmark i's year years[i], at page id pages[i]
+        return [dict(d, url=URL.format(page=p), text=d["text"].replace(f"completed in {e['year']}.", f"completed in {y}."))
+                for d, e, y, p in zip(corpus, entities, years, pages)]
+    write_jsonl(out / "corpus_moved.jsonl", version([moved_year(e["year"]) for e in entities], ids))
     write_jsonl(out / "images.jsonl", index)
 
     # 2. tasks: train/val on the seen landmarks; test on seen and unseen ones (new scenes in any case)
@@ -376,26 +385,31 @@ def main(argv=None):
     policy = core.load_policy(out / "model")
 
     # 4. oracle trajectories through the real loop and tools, kept where the answer is right
-    text = tools.LocalTextSearch(out / "corpus.jsonl")
-    image_search = tools.LocalImageSearch(out / "images.jsonl")
+    crop_settings = tools.CropSettings(upscale_to=args.crop_upscale)
 
-    def toolbox(pages):
-        return tools.Toolbox(text_search=pages, image_search=image_search, pages=pages,
+    def toolbox(view):
+        return tools.Toolbox(text_search=view["text"], image_search=view["images"], pages=view["text"],
                              convention=policy.crop_convention, shown_size=policy.shown_size, k=args.k,
-                             visit_chars=args.visit_chars, crop_settings=tools.CropSettings(upscale_to=args.crop_upscale))
-    real = toolbox(text)
+                             visit_chars=args.visit_chars, crop_settings=crop_settings)
+    # A view of the web the oracle reads: its search tools, and each url's landmark as its page tells it.
+    real = {"text": tools.LocalTextSearch(out / "corpus.jsonl"), "images": tools.LocalImageSearch(out / "images.jsonl"),
+            "by_url": {URL.format(page=e["page"]): e for e in entities}}
     redated_rng = random.Random(args.seed + 2)   # its own stream: the world's other draws stay as they were
-    redated = []   # (the year each url's page gives, its toolbox), REDATED times
+    renumber_rng = random.Random(args.seed + 3)  # and --renumber's
+    redated = []   # REDATED views with the years drawn anew (and with --renumber, the page ids shuffled)
     (out / "sft_pages").mkdir(exist_ok=True)
     for v in range(REDATED):
-        years = {URL.format(page=e["page"]): str(redated_rng.choice([y for y in range(1200, 2021) if str(y) not in
-                                                                     (e["year"], moved_year(e["year"]))]))
-                 for e in entities}
-        write_jsonl(out / "sft_pages" / f"corpus_{v}.jsonl", redate(years))
-        redated.append((years, toolbox(tools.LocalTextSearch(out / "sft_pages" / f"corpus_{v}.jsonl"))))
+        years = [str(redated_rng.choice([y for y in range(1200, 2021) if str(y) not in (e["year"], moved_year(e["year"]))]))
+                 for e in entities]
+        pages = renumber_rng.sample(ids, len(ids)) if args.renumber else ids
+        write_jsonl(out / "sft_pages" / f"corpus_{v}.jsonl", version(years, pages))
+        write_jsonl(out / "sft_pages" / f"images_{v}.jsonl",   # image paths are relative to the index
+                    [dict(h, image=f"../{h['image']}", url=URL.format(page=p)) for h, p in zip(index, pages)])
+        redated.append({"text": tools.LocalTextSearch(out / "sft_pages" / f"corpus_{v}.jsonl"),
+                        "images": tools.LocalImageSearch(out / "sft_pages" / f"images_{v}.jsonl"), "years": years,
+                        "by_url": {URL.format(page=p): dict(e, year=y) for e, y, p in zip(entities, years, pages)}})
     rows = [dict(t, _root=str(out)) for t in train]
-    by_url = {URL.format(page=e["page"]): e for e in entities}
-    scripts, experts, variant = {}, {}, {}   # variant: (the re-dated pages a task's oracle reads, their answer)
+    scripts, experts, variant = {}, {}, {}   # variant: (the re-dated view a task's oracle reads, its answer)
     typo_rng = random.Random(args.seed + 1)   # its own stream too
     for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
@@ -404,30 +418,29 @@ def main(argv=None):
         def box(corner):
             return oracle_box(corner, policy.crop_convention, shown)
 
-        def see(corner):
-            query = tools.crop(image, box(corner), policy.crop_convention, shown, real.crop_settings) \
-                if corner else image
-            return image_search.search(query, args.k)
-
-        def find(query):
-            return text.search(query, args.k)
+        def oracle(view, order=(), typo=False):   # the oracle's turns, reading this view of the web
+            def see(corner):
+                query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
+                return view["images"].search(query, args.k)
+            return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
+                                order, typo)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
-            experts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order=(task["corner"],))
+            experts[task["id"]] = oracle(real, order=(task["corner"],))
         typo = task["type"] == "twohop" and typo_rng.random() < args.typos
         searched = task["type"] != "visual" and not task["direct"]
-        page_years = None
+        view = real
         if searched and redated_rng.random() < args.redated:
             v = redated_rng.randrange(REDATED)
-            page_years = redated[v][0]
-            asked = entities[entities[task["entity"]]["twin"]] if task["type"] == "twohop" else entities[task["entity"]]
-            variant[task["id"]] = (v, page_years[URL.format(page=asked["page"])])
-        scripts[task["id"]] = oracle_turns(task, entities, by_url, box, see, find, order, typo, page_years)
+            view = redated[v]
+            asked = entities[task["entity"]]["twin"] if task["type"] == "twohop" else task["entity"]
+            variant[task["id"]] = (v, view["years"][asked])
+        scripts[task["id"]] = oracle(view, order, typo)
 
-    def replay(rows, scripts, crops, pages=real):
+    def replay(rows, scripts, crops, view=real):
         """The scripted turns through the real rollout loop and tools; records of the right answers."""
-        trajs = core.rollout(policy, rows, pages, max_turns=10, max_images=6, max_context=8192, system=SYSTEM,
+        trajs = core.rollout(policy, rows, toolbox(view), max_turns=10, max_images=6, max_context=8192, system=SYSTEM,
                              forced=lambda task, turn: scripts[task["id"]][turn], progress=False)
         records, stats = [], {k: [0, 0] for k in mix}
         for task, traj in zip(rows, trajs):
@@ -439,9 +452,9 @@ def main(argv=None):
         return records, stats
     records, stats = replay([r for r in rows if r["id"] not in variant], scripts, "crops")
     redated_records = []
-    for v, (_, pages) in enumerate(redated):   # the right answer is the re-dated page's year
+    for v, view in enumerate(redated):   # the right answer is the re-dated page's year
         mine = [dict(r, answers=[variant[r["id"]][1]]) for r in rows if r["id"] in variant and variant[r["id"]][0] == v]
-        kept, seen = replay(mine, scripts, "crops", pages)
+        kept, seen = replay(mine, scripts, "crops", view)
         for k, (right, n) in seen.items():
             stats[k] = [stats[k][0] + right, stats[k][1] + n]
         redated_records += [dict(r, pages=f"sft_pages/corpus_{v}.jsonl", answers=[variant[r["id"]][1]]) for r in kept]
