@@ -82,3 +82,12 @@ def test_stage_table_counts_unseen_landmarks_apart():
     row = run.stage_table("grpo", results, {"a": "whole", "b": "whole", "c": "visual"}, unseen={"b"})
     assert row["acc"] == 2 / 3 and row["acc whole"] == 0.5 and row["acc unseen"] == 0.0
     assert "acc unseen" not in run.stage_table("grpo", results, {"a": "whole", "b": "whole", "c": "visual"})
+
+
+def test_flags_for_a_stage_may_be_one_flag():
+    """--world-args --renumber is prepare.py's flag, not an unknown one of run.py's."""
+    sys.path.insert(0, str(ROOT / "data" / "toyworld"))
+    import run
+    args = run.parse_args(["--world-args", "--renumber", "--grpo-args", "--advantage grpo", "--seed", "2"])
+    assert (args.world_args, args.grpo_args, args.seed) == ("--renumber", "--advantage grpo", 2)
+    assert run.parse_args(["--world-args=--redated 0"]).world_args == "--redated 0"

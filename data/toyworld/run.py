@@ -32,6 +32,18 @@ ROOT = HERE.parents[1]
 SEARCHES = ("image_search", "text_search", "visit")
 
 
+PASSED_ON = ("--world-args", "--grpo-args")
+
+
+def joined(argv):
+    """argv with each PASSED_ON flag glued to its value: argparse would read a value of one flag
+    ("--world-args --renumber") as a flag of run.py's own and stop."""
+    out, rest = [], iter(argv)
+    for a in rest:
+        out.append(f"{a}={next(rest, '')}" if a in PASSED_ON else a)
+    return out
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/toy", help="folder for every stage's output")
@@ -51,7 +63,7 @@ def parse_args(argv=None):
     ap.add_argument("--ahpo", action="store_true", help="GRPO with AHPO: the world's expert trajectories (hard questions)")
     ap.add_argument("--train-turns", type=int, default=6, help="GRPO's turn budget (over it: over-turn, masked)")
     ap.add_argument("--eval-turns", type=int, default=8, help="eval's turn budget (Mini-o3: more at test time)")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(joined(sys.argv[1:] if argv is None else argv))
     args.sft_steps = args.sft_steps or (60 if args.fast else 2000)
     args.grpo_steps = args.grpo_steps or (8 if args.fast else 50)
     return args
