@@ -29,7 +29,7 @@ def digest(folder):
 def test_prepare_small_world(tmp_path):
     prepare = prepare_module()
     flags = ["--entities", "30", "--tasks", "120", "--vocab", "600", "--mix", RICH]
-    stats = prepare.main(["--out", str(tmp_path / "a"), *flags])
+    stats = prepare.main(["--out", str(tmp_path / "a"), *flags, "--no-renumber"])
     assert (stats["train"], stats["val"], stats["test"]) == (90, 6, 24)
     oracle = stats["oracle"]
     assert set(oracle) == {"visual", "whole", "crop", "twohop", "hard"}
@@ -45,8 +45,8 @@ def test_prepare_small_world(tmp_path):
     for split in ("train", "val", "test"):
         types = {json.loads(line)["type"] for line in (out / f"{split}.jsonl").read_text().splitlines()}
         assert types == set(oracle), split
-    # deterministic for a seed (--renumber changes only the re-dated pages' ids: checked below)
-    renumbered = prepare.main(["--out", str(tmp_path / "b"), *flags, "--renumber"])
+    # deterministic for a seed (--no-renumber changes only the re-dated pages' ids: checked below)
+    renumbered = prepare.main(["--out", str(tmp_path / "b"), *flags])
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
     # every oracle and expert trajectory replays, through the chat format, to the right answer
     policy = core.load_policy(out / "model")
@@ -77,8 +77,8 @@ def test_prepare_small_world(tmp_path):
         years.setdefault(task["entity"], []).append(r["answers"][0])
     again = [y for y in years.values() if len(y) > 1]   # landmarks read re-dated more than once
     assert again and sum(len(set(y)) > 1 for y in again) > 0.5 * len(again)
-    # the re-dated pages keep each landmark's page id; with --renumber (the same trajectories
-    # otherwise) they are shuffled, so the id visited is rarely the landmark's own
+    # with --no-renumber the re-dated pages keep each landmark's page id; by default (the same
+    # trajectories otherwise) they are shuffled, so the id visited is rarely the landmark's own
     url = {d["title"]: d["url"] for d in core.load_jsonl(out / "corpus.jsonl")}
 
     def visited(record):   # (title, url) of each page the trajectory read

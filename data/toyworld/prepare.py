@@ -43,7 +43,7 @@ both years of a landmark and chose between them, and read nothing on unseen land
 check, corpus_moved.jsonl, moves every year by 311 (moved_year), a year no trajectory shows.
 The same holds for the page id the agent visits: a model can learn each landmark's id by heart
 and never copy it from the search results (it then opens wrong pages on landmarks it never saw);
---renumber also shuffles the page ids among the landmarks in each re-dated copy.
+so each re-dated copy also shuffles the page ids among the landmarks (--renumber, default on).
 
 Made so that a tiny model can copy what it needs out of a tool's answer (a 2-layer model copies
 the way an induction head does, we believe: find the token before the one to copy elsewhere in the
@@ -311,9 +311,9 @@ def main(argv=None):
     ap.add_argument("--redated", type=float, default=0.5, help="share of the searched oracle trajectories that read "
                     "re-dated pages (each landmark's year drawn anew) and answer the page's year: reading is the only "
                     "way to be right")
-    ap.add_argument("--renumber", action="store_true", help="the re-dated copies also give the pages new ids "
-                    "(the ids shuffled among the landmarks): the page to visit must be copied from the search "
-                    "results, as no landmark keeps one id a model could learn")
+    ap.add_argument("--renumber", action=argparse.BooleanOptionalAction, default=True, help="the re-dated copies "
+                    "also give the pages new ids (the ids shuffled among the landmarks): the page to visit must be "
+                    "copied from the search results, as no landmark keeps one id a model could learn")
     ap.add_argument("--typos", type=float, default=0.3, help="share of two-hop oracle trajectories whose first "
                     "text search misspells the name, finds nothing and is revised")
     ap.add_argument("--k", type=int, default=3, help="image search results the oracle sees (use the same --k in eval and GRPO)")
