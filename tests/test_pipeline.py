@@ -91,3 +91,12 @@ def test_flags_for_a_stage_may_be_one_flag():
     args = run.parse_args(["--world-args", "--renumber", "--grpo-args", "--advantage grpo", "--seed", "2"])
     assert (args.world_args, args.grpo_args, args.seed) == ("--renumber", "--advantage grpo", 2)
     assert run.parse_args(["--world-args=--redated 0"]).world_args == "--redated 0"
+
+
+def test_a_world_from_an_older_prepare_is_a_clear_error(tmp_path):
+    sys.path.insert(0, str(ROOT / "data" / "toyworld"))
+    import run
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "sft.jsonl").write_text("")
+    with pytest.raises(SystemExit, match="older prepare.py"):
+        run.main(["--out", str(tmp_path)])

@@ -200,9 +200,10 @@ def main(argv=None):
     py = sys.executable
     t_start = time.time()
     size = ["--entities", "40", "--tasks", "240"] if args.fast else []
-    if (world / "sft.jsonl").exists() and not (world / "corpus_moved.jsonl").exists():
-        raise SystemExit(f"{world} was made before the world had moved pages (corpus_moved.jsonl): "
-                         "give this run another --out, or delete the folder to start over.")
+    if (world / "sft.jsonl").exists() and not (world / "sft_pages" / "images_0.jsonl").exists():
+        raise SystemExit(f"{world} was made by an older prepare.py (before the renumbered SFT pages, "
+                         "sft_pages/images_0.jsonl, of 2026-11-30): give this run another --out, or delete the "
+                         "folder to start over.")
     if not (world / "sft.jsonl").exists():
         run("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, "--k", args.k, "--visit-chars",
                       args.visit_chars, "--crop-upscale", args.crop_upscale, *size, *args.world_args.split()], log)
