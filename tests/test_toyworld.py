@@ -28,7 +28,7 @@ def digest(folder):
 
 def test_prepare_small_world(tmp_path):
     prepare = prepare_module()
-    flags = ["--entities", "30", "--tasks", "120", "--vocab", "600", "--mix", RICH]
+    flags = ["--entities", "30", "--tasks", "120", "--vocab", "600", "--mix", RICH, "--redated", "0.5"]
     stats = prepare.main(["--out", str(tmp_path / "a"), *flags, "--no-renumber"])
     assert (stats["train"], stats["val"], stats["test"]) == (90, 6, 24)
     oracle = stats["oracle"]

@@ -34,7 +34,7 @@ papers report RL learning. Test scenes are never seen in training, and a share o
 
 Memory and the page agree on every landmark, so an SFT model may learn to answer a searched
 question from the picture and never read the page (the README's moved-pages check found five SFT
-models of six doing so). On a share of the searched trajectories (--redated, default half) the
+models of six doing so). On a share of the searched trajectories (--redated, default all) the
 oracle searches the same way but reads re-dated pages, where every landmark's year is drawn anew
 (REDATED copies of the corpus, one drawn per trajectory), and answers the page's year: there,
 copying the page is the only way to be right, as no landmark keeps one year a model could learn.
@@ -49,8 +49,8 @@ Made so that a tiny model can copy what it needs out of a tool's answer (a 2-lay
 the way an induction head does, we believe: find the token before the one to copy elsewhere in the
 context, take the token after it; so that token should be rare there). README has the measurements:
 - what it copies is digits, not made-up names: a page's URL is a short number
-  (http://toyworld.local/page/482) and the image search shows --k 3 results, so the id to copy
-  appears among few others; `visit` keeps only the sentence that answers the oracle's goal
+  (http://toyworld.local/page/482) and a search shows one result (--k 1), so the id to copy
+  is the latest one in the context (with 3 results, seed 2's SFT model never formed that copy); `visit` keeps only the sentence that answers the oracle's goal
   (--visit-chars), as the papers' page summarizer does, so the year is the page's only number;
 - the words before a copy are rare in the context: the corner follows "image's", and the
   memory answers' thinks do not say "completed in", the words before the year that the search
@@ -308,7 +308,7 @@ def main(argv=None):
                     help="question types and their shares, of visual, whole, crop, twohop, hard")
     ap.add_argument("--direct", type=float, default=0.5,
                     help="share of knowledge questions the oracle answers from memory, without searching")
-    ap.add_argument("--redated", type=float, default=0.5, help="share of the searched oracle trajectories that read "
+    ap.add_argument("--redated", type=float, default=1.0, help="share of the searched oracle trajectories that read "
                     "re-dated pages (each landmark's year drawn anew) and answer the page's year: reading is the only "
                     "way to be right")
     ap.add_argument("--renumber", action=argparse.BooleanOptionalAction, default=True, help="the re-dated copies "
@@ -316,7 +316,7 @@ def main(argv=None):
                     "copied from the search results, as no landmark keeps one id a model could learn")
     ap.add_argument("--typos", type=float, default=0.3, help="share of two-hop oracle trajectories whose first "
                     "text search misspells the name, finds nothing and is revised")
-    ap.add_argument("--k", type=int, default=3, help="image search results the oracle sees (use the same --k in eval and GRPO)")
+    ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
     ap.add_argument("--crop-upscale", type=int, default=112, help="crops are upscaled to this short side (the "

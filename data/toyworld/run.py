@@ -55,7 +55,7 @@ def parse_args(argv=None):
     ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO optimizer steps")
     ap.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
-    ap.add_argument("--k", type=int, default=3, help="image search results shown (the oracle's and the policy's)")
+    ap.add_argument("--k", type=int, default=1, help="search results shown (the oracle's and the policy's)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps this many characters of a page")
     ap.add_argument("--crop-upscale", type=int, default=112, help="crops are upscaled to this short side")
     ap.add_argument("--world-args", default="", help="extra flags for prepare.py, e.g. '--mix visual:0.2,whole:0.3,crop:0.5'")
