@@ -50,8 +50,9 @@ the way an induction head does, we believe: find the token before the one to cop
 context, take the token after it; so that token should be rare there). README has the measurements:
 - what it copies is digits, not made-up names: a page's URL is a short number
   (http://toyworld.local/page/482) and a search shows one result (--k 1), so the id to copy
-  is the latest one in the context (with 3 results, seed 2's SFT model never formed that copy); `visit` keeps only the sentence that answers the oracle's goal
-  (--visit-chars), as the papers' page summarizer does, so the year is the page's only number;
+  is the latest one in the context (with 3 results, seed 2's SFT model never formed that copy);
+  `visit` keeps only the sentence that answers the oracle's goal (--visit-chars), as the papers'
+  page summarizer does, so the year is the page's only number;
 - the words before a copy are rare in the context: the corner follows "image's", and the
   memory answers' thinks do not say "completed in", the words before the year that the search
   path's think copies from the page. Writes to --out:
