@@ -651,6 +651,7 @@ def collate(policy, trajs):
 
 CHUNK_TOKENS = 512        # tokens per chunk: fewer, larger chunks mean fewer passes over W and dW ...
 LOGIT_BUDGET = 1 << 25    # ... but at most this many floats of logits per chunk (128 MB in fp32)
+W_BLOCK = 4096            # vocabulary rows of a bf16/fp16 chunk's ∂W product held at once (bounds its temporaries)
 BLOCKED = -1e30           # logit of an id outside vocab_mask: exp() is exactly 0, and 0 * BLOCKED stays finite
 
 
@@ -683,6 +684,7 @@ def _backward_chunks(hidden, weight, targets, lse, ent, g_logp, g_ent, T, C, blo
     buf = hidden.new_empty((min(C, N), V), dtype=acc)
     pbuf = torch.empty_like(buf) if g_ent is not None else None
     low = None if hidden.dtype == acc else torch.empty_like(buf, dtype=hidden.dtype)
+    w_low = weight.new_empty((min(W_BLOCK, V), weight.shape[1])) if need_w and low is not None else None
     for s in range(0, N, C):
         c = min(C, N - s)
         y, g = targets[s:s + c], g_logp[s:s + c, None]
@@ -693,12 +695,18 @@ def _backward_chunks(hidden, weight, targets, lse, ent, g_logp, g_ent, T, C, blo
             q, row = logp_all.add_(ent[s:s + c, None]).mul_(g_ent[s:s + c, None].to(acc)).add_(g).mul_(p), 1.0
         else:                   # q = p g, with g applied to (c, H) tensors below: saves a pass over (c, V)
             q, row = logp_all.exp_(), g
+        ql = q if lo is None else lo.copy_(q)   # bf16/fp16: both GEMMs run in the inputs' dtype, as naive's do
         if need_h:
-            qw = q @ weight if lo is None else (lo.copy_(q) @ weight).to(acc)
-            grad_h[s:s + c] = ((g * weight[y].to(acc) - row * qw) / T).to(hidden.dtype)
+            grad_h[s:s + c] = ((g * weight[y].to(acc) - row * (ql @ weight).to(acc)) / T).to(hidden.dtype)
         if need_w:
             h = hidden[s:s + c].to(acc)
-            grad_w.addmm_(q.t(), row * h, alpha=-1 / T)
+            if lo is None:
+                grad_w.addmm_(q.t(), row * h, alpha=-1 / T)
+            else:   # bf16/fp16: on the low-precision units, summed into fp32 W_BLOCK rows at a time
+                hl = (row * h).to(ql.dtype)
+                for v in range(0, V, W_BLOCK):
+                    part = torch.mm(ql[:, v:v + W_BLOCK].t(), hl, out=w_low[:min(W_BLOCK, V - v)])
+                    grad_w[v:v + W_BLOCK].sub_(part, alpha=1 / T)
             grad_w.index_add_(0, y, g * h / T)
     return grad_h, grad_w
 

@@ -54,9 +54,11 @@ def test_entropy_values_and_grads(T):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_bf16_within_tolerance():
+@pytest.mark.parametrize("w_block", [4096, 100])   # 100: ∂W's bf16 product in three blocks, the last partial
+def test_bf16_within_tolerance(w_block, monkeypatch):
     """bf16 inputs: logits are upcast to fp32 per chunk; vs the same naive upcast, the log-probs
     agree to 2e-2 and the gradients to 2e-2 relative (bf16 has an 8-bit mantissa)."""
+    monkeypatch.setattr("mmsearch_r1.W_BLOCK", w_block)
     h, w, y = inputs(64, 32, 257, dtype=torch.bfloat16)
     ours = token_logprobs(h, w, y, chunk_size=10)
     ref, _ = naive(h, w, y)
