@@ -51,7 +51,7 @@ def parse_args(argv=None):
     ap.add_argument("--fast", action="store_true", help="a small world and short runs (for CI)")
     ap.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps")
     ap.add_argument("--sft-lr", type=float, default=3e-3, help="SFT learning rate")
-    ap.add_argument("--sft-batch-tokens", type=int, default=8192, help="padded tokens per SFT step")
+    ap.add_argument("--sft-batch-tokens", type=int, default=4096, help="padded tokens per SFT step")
     ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO optimizer steps")
     ap.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     ap.add_argument("--eval-turns", type=int, default=8, help="eval's turn budget (Mini-o3: more at test time)")
     args = ap.parse_args(joined(sys.argv[1:] if argv is None else argv))
     args.sft_steps = args.sft_steps or (60 if args.fast else 2000)
-    args.grpo_steps = args.grpo_steps or (8 if args.fast else 50)
+    args.grpo_steps = args.grpo_steps or (8 if args.fast else 25)
     return args
 
 
@@ -237,7 +237,7 @@ def main(argv=None):
         run("grpo", [py, ROOT / "train_grpo.py", "--model", out / "sft" / "final", "--tasks", world / "train.jsonl",
                      "--eval-tasks", world / "val.jsonl", "--out", out / "grpo", "--steps", args.grpo_steps,
                      "--lr", args.grpo_lr, "--temperature", args.temperature, "--tasks-per-step", "8",
-                     "--group-size", "8", "--rollout-batch", "64", "--eval-every", max(1, args.grpo_steps // 4),
+                     "--group-size", "8", "--rollout-batch", "64", "--eval-every", -(-args.grpo_steps // 4),
                      "--save-every", "10", "--keep-last", "1", "--seed", args.seed, "--quiet", "--resume",
                      "--max-turns", args.train_turns, *tool_flags(), *system, *args.grpo_args.split(),
                      *(["--expert-data", world / "expert.jsonl"] if args.ahpo else [])], log)
