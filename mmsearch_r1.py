@@ -317,7 +317,7 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
         vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                       num_heads=2, out_hidden_size=hidden, patch_size=patch, spatial_merge_size=2,
-                      fullatt_block_indexes=[vision_depth - 1], window_size=factor * 2)
+                      fullatt_block_indexes=[vision_depth - 1], window_size=112)   # Qwen2.5-VL's: 8 x 8 patches
     else:
         from transformers import Qwen3VLConfig as Config
         text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,

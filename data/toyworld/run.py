@@ -64,7 +64,7 @@ def parse_args(argv=None):
     ap.add_argument("--train-turns", type=int, default=6, help="GRPO's turn budget (over it: over-turn, masked)")
     ap.add_argument("--eval-turns", type=int, default=8, help="eval's turn budget (Mini-o3: more at test time)")
     args = ap.parse_args(joined(sys.argv[1:] if argv is None else argv))
-    args.sft_steps = args.sft_steps or (60 if args.fast else 2000)
+    args.sft_steps = args.sft_steps or (60 if args.fast else 2500)
     args.grpo_steps = args.grpo_steps or (8 if args.fast else 25)
     return args
 
