@@ -397,10 +397,12 @@ class LocalImageSearch:
     """Nearest neighbours over an on-disk image index: a JSONL of `image, title, url, snippet`
     (image paths relative to the index file). Descriptors are computed once and cached in
     `<index>.npy`. `embed_model` names a transformers image model (a folder or hub id with
-    `get_image_features`, e.g. a CLIP) to use instead of the numpy descriptor."""
+    `get_image_features`, e.g. a CLIP) to use instead of the numpy descriptor. `vectors`: the
+    entries' descriptors when the caller has them already (the same pictures under other urls),
+    saved as the cache instead of computed again."""
     name = "local"
 
-    def __init__(self, index, embed_model=None):
+    def __init__(self, index, embed_model=None, vectors=None):
         self.index = Path(index)
         if not self.index.exists():
             raise FileNotFoundError(f"LocalImageSearch: no image index at {str(self.index)!r} (JSONL of "
@@ -410,7 +412,12 @@ class LocalImageSearch:
         stat = self.index.stat()
         self.name = f"local:{self.index.resolve()}:{stat.st_size}-{stat.st_mtime_ns}" + (f":{embed_model}" if embed_model else "")
         cache = self.index.with_name(self.index.name + (".emb.npy" if embed_model else ".npy"))
-        if cache.exists() and cache.stat().st_mtime_ns >= self.index.stat().st_mtime_ns:
+        if vectors is not None:
+            if len(vectors) != len(self.entries):
+                raise ValueError(f"LocalImageSearch: {len(vectors)} vectors for {len(self.entries)} entries of {self.index}")
+            self.vectors = np.asarray(vectors, np.float32)
+            np.save(cache, self.vectors)
+        elif cache.exists() and cache.stat().st_mtime_ns >= self.index.stat().st_mtime_ns:
             self.vectors = np.load(cache)
         else:
             root = self.index.parent

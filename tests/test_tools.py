@@ -8,6 +8,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -155,6 +156,13 @@ def test_local_image_search_finds_crops(tmp_path):
     assert search.search(crop(scene, [64, 0, 128, 64], "abs"), 1)[0]["title"] == "stripes"
     assert (tmp_path / "images.jsonl.npy").exists()
     assert LocalImageSearch(tmp_path / "images.jsonl").search(Image.open(tmp_path / "blue.png"), 1)[0]["title"] == "blue"
+    # the same pictures under other urls: the descriptors given, not computed (nor read from a cache)
+    renamed = write_jsonl(tmp_path / "renamed.jsonl", [dict(r, url=r["url"] + "/2") for r in rows])
+    given = LocalImageSearch(renamed, vectors=search.vectors)
+    assert given.search(Image.open(tmp_path / "red.png"), 1)[0]["url"] == "http://local/red/2"
+    assert np.array_equal(np.load(tmp_path / "renamed.jsonl.npy"), search.vectors)
+    with pytest.raises(ValueError, match="3 vectors for 4 entries"):
+        LocalImageSearch(renamed, vectors=search.vectors[:3])
 
 
 def test_local_image_search_with_an_embedding_model(tmp_path):

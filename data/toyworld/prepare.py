@@ -81,7 +81,6 @@ import random
 import sys
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -407,10 +406,9 @@ def main(argv=None):
         write_jsonl(out / "sft_pages" / f"corpus_{v}.jsonl", version(years, pages))
         write_jsonl(out / "sft_pages" / f"images_{v}.jsonl",   # image paths are relative to the index
                     [dict(h, image=f"../{h['image']}", url=URL.format(page=p)) for h, p in zip(index, pages)])
-        np.save(out / "sft_pages" / f"images_{v}.jsonl.npy", real["images"].vectors)   # the same pictures: their
-        # descriptors, as LocalImageSearch caches them, saved instead of computed again for each copy
         redated.append({"text": tools.LocalTextSearch(out / "sft_pages" / f"corpus_{v}.jsonl"),
-                        "images": tools.LocalImageSearch(out / "sft_pages" / f"images_{v}.jsonl"), "years": years,
+                        "images": tools.LocalImageSearch(out / "sft_pages" / f"images_{v}.jsonl",   # same pictures
+                                                         vectors=real["images"].vectors), "years": years,
                         "by_url": {URL.format(page=p): dict(e, year=y) for e, y, p in zip(entities, years, pages)}})
     rows = [dict(t, _root=str(out)) for t in train]
     scripts, experts, variant = {}, {}, {}   # variant: (the re-dated view a task's oracle reads, its answer)

@@ -20,6 +20,7 @@ shows; tool use, turns, finish reasons) and the moved-page counts are printed an
 """
 import argparse
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -237,7 +238,7 @@ def main(argv=None):
         run("grpo", [py, ROOT / "train_grpo.py", "--model", out / "sft" / "final", "--tasks", world / "train.jsonl",
                      "--eval-tasks", world / "val.jsonl", "--out", out / "grpo", "--steps", args.grpo_steps,
                      "--lr", args.grpo_lr, "--temperature", args.temperature, "--tasks-per-step", "8",
-                     "--group-size", "8", "--rollout-batch", "64", "--eval-every", -(-args.grpo_steps // 4),
+                     "--group-size", "8", "--rollout-batch", "64", "--eval-every", math.ceil(args.grpo_steps / 4),
                      "--save-every", "10", "--keep-last", "1", "--seed", args.seed, "--quiet", "--resume",
                      "--max-turns", args.train_turns, *tool_flags(), *system, *args.grpo_args.split(),
                      *(["--expert-data", world / "expert.jsonl"] if args.ahpo else [])], log)
