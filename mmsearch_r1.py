@@ -21,6 +21,7 @@ Usage:
     batch = collate(policy, [traj])
     logp, _ = sequence_logprobs(policy, batch)                 # (B, L), 0 where loss_mask is 0
 """
+import functools
 import json
 import time
 from collections import Counter
@@ -256,7 +257,7 @@ def load_policy(path, device=None, dtype=None, min_pixels=None, max_pixels=None,
 
 def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidden=64, layers=2,
                       heads=4, kv_heads=2, intermediate=None, vision_hidden=32, vision_depth=2,
-                      max_pixels=112 * 112, model_vocab=None, tie_embeddings=False, seed=0):
+                      max_pixels=112 * 112, model_vocab=None, tie_embeddings=False, vision_window=112, seed=0):
     """Train a byte-level BPE tokenizer on `texts`, build a random tiny VLM of the real
     architecture (`family` = "qwen2_5_vl" or "qwen3_vl"), and save model, tokenizer and image
     processor with `save_pretrained`. Returns the folder; `load_policy(folder)` loads it back.
@@ -264,7 +265,8 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
     benchmark: hidden=2048, layers=36, heads=16, kv_heads=2, intermediate=11008,
     model_vocab=151936) work the same. model_vocab: output rows (default: the tokenizer's, rounded
     up past it to a multiple of 64). tie_embeddings: the output layer shares the input embedding,
-    as in Qwen2.5-VL-3B. The tags that are single tokens follow the family (ADDED_TAGS)."""
+    as in Qwen2.5-VL-3B. vision_window: Qwen2.5-VL's windowed vision attention, in pixels (its own
+    112: 8 x 8 patches; Qwen3-VL has none). The tags that are single tokens follow the family (ADDED_TAGS)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -317,7 +319,7 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope}
         vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                       num_heads=2, out_hidden_size=hidden, patch_size=patch, spatial_merge_size=2,
-                      fullatt_block_indexes=[vision_depth - 1], window_size=112)   # Qwen2.5-VL's: 8 x 8 patches
+                      fullatt_block_indexes=[vision_depth - 1], window_size=vision_window)
     else:
         from transformers import Qwen3VLConfig as Config
         text.update(head_dim=head_dim, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -873,11 +875,42 @@ class Row:
                                                  "tool_calls": Counter(), "tool_errors": Counter()})
 
 
+@functools.cache   # one class, built on first use (transformers is imported lazily)
+def _roomy_layer_class():
+    """transformers' DynamicLayer, but its keys and values are views into buffers with room for
+    more tokens: a decoded token is written into the room instead of concatenated (which copies
+    the whole cache of every layer for every token: a tenth of a tiny model's rollout). A layer
+    whose tensors were replaced (rows split off, padding trimmed) gets a new buffer on its next
+    update."""
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, new = self.get_seq_length(), key_states.shape[-2]
+            buf = getattr(self, "room", None)
+            if (buf is None or n + new > buf[0].shape[-2] or buf[0].shape[:2] != key_states.shape[:2]
+                    or (n and self.keys.data_ptr() != buf[0].data_ptr())):
+                B, H, _, D = key_states.shape
+                size = n + new + 64 + n // 8   # room for the rest of a turn, grown as it goes
+                buf = (key_states.new_empty((B, H, size, D)), value_states.new_empty((B, H, size, D)))
+                if n:
+                    buf[0][:, :, :n], buf[1][:, :, :n] = self.keys, self.values
+                self.room = buf
+            buf[0][:, :, n:n + new], buf[1][:, :, n:n + new] = key_states, value_states
+            self.keys, self.values = buf[0][:, :, :n + new], buf[1][:, :, :n + new]
+            return self.keys, self.values
+
+    return RoomyLayer
+
+
 class KVBatch:
-    """The rows decoding together: one DynamicCache (B, heads, T, head_dim) and its validity mask."""
+    """The rows decoding together: one cache (B, heads, T, head_dim) and its validity mask."""
 
     def __init__(self, rows, device):
-        from transformers import DynamicCache
+        from transformers.cache_utils import Cache
+        layer_class = _roomy_layer_class()
         self.rows = rows
         T = max(r.n_cached for r in rows)
         self.mask = torch.zeros((len(rows), T), dtype=torch.long, device=device)
@@ -891,16 +924,18 @@ class KVBatch:
                 for b, r in enumerate(rows):              # left-pad: a row's tokens end at T
                     k[b, :, T - r.n_cached:] = r.kv[layer][0][0]
                     v[b, :, T - r.n_cached:] = r.kv[layer][1][0]
-                layers.append((k, v))
+                layer = layer_class()
+                layer.update(k, v)
+                layers.append(layer)
         for b, r in enumerate(rows):
             self.mask[b, T - r.n_cached:] = 1
-        self.cache = DynamicCache(ddp_cache_data=layers) if layers else DynamicCache()
+        self.cache = Cache(layers=layers) if layers else Cache(layer_class_to_replicate=layer_class)
 
     def split_off(self, done):
         """Move rows `done` (batch indices) out: each gets its own keys/values without padding."""
         if not done:
             return
-        kvs = [(layer[0], layer[1]) for layer in self.cache]
+        kvs = [(layer.keys, layer.values) for layer in self.cache.layers]
         for b in done:
             valid = self.mask[b].bool()
             self.rows[b].kv = [(k[b:b + 1, :, valid].clone(), v[b:b + 1, :, valid].clone()) for k, v in kvs]

@@ -137,3 +137,21 @@ def test_repetition_detector():
     assert not core.repeats_itself([7] * 47)
     assert not core.repeats_itself(list(range(100)))
     assert not core.repeats_itself([1, 2, 3] * 20 + [4])
+
+
+def test_roomy_cache_layer_equals_concatenation():
+    """The rollout's cache layer writes new keys/values into spare room: the same tensors a
+    concatenation gives, through growth past the room, trimmed padding and rows split off."""
+    layer = core._roomy_layer_class()()
+    want = torch.zeros(2, 2, 0, 4)
+    for n in (5, 1, 1, 90, 1, 3):   # 90: more than the room, a new buffer
+        new = torch.randn(2, 2, n, 4)
+        k, v = layer.update(new, -new)
+        want = torch.cat([want, new], dim=2)
+        assert torch.equal(k, want) and torch.equal(v, -want)
+    layer.keys, layer.values = layer.keys[:, :, 3:], layer.values[:, :, 3:]   # as KVBatch.split_off trims
+    layer.batch_select_indices(torch.tensor([1]))
+    new = torch.randn(1, 2, 1, 4)
+    k, v = layer.update(new, -new)
+    want = torch.cat([want[1:, :, 3:], new], dim=2)
+    assert torch.equal(k, want) and torch.equal(v, -want)
