@@ -1063,8 +1063,10 @@ def decode_one_token(policy, batch, tokens):
     return _lm_head(policy, out.last_hidden_state[:, -1])
 
 
-def run_turn(policy, rows, limits, generator):
+def run_turn(policy, rows, limits, generator, score_forced=True):
     """One assistant turn for `rows`: prefill, then sample until every row has ended its turn."""
+    if not score_forced and all(r.turn_end == "forced" for r in rows):
+        return   # nothing to sample and no log-probs wanted: no forward pass (the next prefill takes these tokens)
     batch, logits = prefill(policy, rows, limits["temperature"])
     live = [r.turn_end is None for r in batch.rows]   # forced rows are already done
     batch.split_off([b for b, alive in enumerate(live) if not alive])
@@ -1116,7 +1118,7 @@ def _end(row, reason):
 
 def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_context=8192, max_images=8,
             temperature=1.0, top_p=1.0, top_k=0, seed=0, max_batch=16, max_tool_failures=3, forced=None,
-            system=None, progress=True):
+            score_forced=True, system=None, progress=True):
     """Sample `n` multi-turn trajectories per task, all rows decoding together.
 
     tasks: dicts with `image` (path(s) or PIL images), `question`, `id`. toolbox: a tools.Toolbox
@@ -1127,7 +1129,8 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
     Sampling: temperature (0 = greedy), top_p, top_k (0 = off), always restricted to the ids in
     policy.sample_mask (text, the policy's tags, <|im_end|>): never a vision or control token.
     forced: optional callable (task, turn) -> assistant text or None; forced text is scored by
-    the model (its log-probs recorded) instead of sampled. For tests and oracle trajectories.
+    the model (its log-probs recorded) instead of sampled. For tests and oracle trajectories;
+    score_forced=False skips the model on turns where every row is forced (no log-probs recorded).
     Returns trajectories in task order (n per task), each with finish_reason, tool_calls,
     per-token sampling log-probs and meta["stats"], meta["over_turn"]."""
     from tqdm.auto import tqdm
@@ -1162,7 +1165,7 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
                     ids = encode_assistant(policy, text) + [policy.ids["im_end"]]
                     r.traj.append(ids, 1)
                     r.turn_tokens, r.turn_end = ids, "forced"
-            run_turn(policy, active, limits, generator)
+            run_turn(policy, active, limits, generator, score_forced)
             turn += 1
             for r in active:
                 r.traj.turns = turn

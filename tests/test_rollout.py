@@ -80,6 +80,21 @@ def test_batched_rows_equal_rows_alone(policy):
     assert [t.input_ids for t in small] == [t.input_ids for t in together]
 
 
+def test_unscored_forced_turns_change_nothing_but_forced_logprobs(policy):
+    """score_forced=False (oracle replays) skips the forward pass on all-forced turns: the same
+    tokens, tool calls and, on the sampled turn after them, the same log-probs."""
+    tasks = [task(0), task(1, (64, 150), "Which city is this tower in? " * 3)]
+    kw = dict(temperature=0.7, max_new_tokens=16, forced=script(CROP0, CROP1), seed=3, progress=False)
+    scored = core.rollout(policy, tasks, BOX, n=2, **kw)
+    unscored = core.rollout(policy, tasks, BOX, n=2, score_forced=False, **kw)
+    for a, b in zip(scored, unscored):
+        assert a.input_ids == b.input_ids and a.tool_calls == b.tool_calls and a.finish_reason == b.finish_reason
+        sampled = len(a.input_ids) - a.meta["stats"]["generated_tokens"] - 1   # the last turn's tokens
+        assert b.logprobs[sampled:] == pytest.approx(a.logprobs[sampled:], abs=1e-4)
+        forced = [i for i in range(sampled) if a.loss_mask[i]]   # the two crops: never scored
+        assert all(b.logprobs[i] == 0.0 for i in forced) and any(a.logprobs[i] != 0.0 for i in forced)
+
+
 def test_forced_rollout_round_trips_through_records(policy, tmp_path):
     task()["image"].save(tmp_path / "q.png")
     traj = core.rollout(policy, [dict(task(), image="q.png", _root=str(tmp_path))], BOX,

@@ -445,7 +445,7 @@ def main(argv=None):
     def replay(rows, scripts, crops, view=real):
         """The scripted turns through the real rollout loop and tools; records of the right answers."""
         trajs = core.rollout(policy, rows, toolbox(view), max_turns=10, max_images=6, max_context=8192, system=SYSTEM,
-                             forced=lambda task, turn: scripts[task["id"]][turn], progress=False)
+                             forced=lambda task, turn: scripts[task["id"]][turn], score_forced=False, progress=False)
         records, stats = [], {k: [0, 0] for k in mix}
         for task, traj in zip(rows, trajs):
             value, parts = core.reward(traj, task)
