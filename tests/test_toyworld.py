@@ -89,6 +89,15 @@ def test_prepare_small_world(tmp_path):
     assert renumbered["sft"] == stats["sft"] and [r["answers"] for r in shuffled] == [r["answers"] for r in redated]
     reads = [url[title] == u for r in shuffled for title, u in visited(r)]
     assert reads and sum(reads) < 0.2 * len(reads)
+    # --views 2: each re-dated task read on two different copies
+    two = prepare.main(["--out", str(tmp_path / "c"), *flags, "--views", "2"])
+    assert digest(tmp_path / "c") == digest(tmp_path / "b")
+    both = [r for r in core.load_jsonl(tmp_path / "c" / "sft.jsonl") if "pages" in r]
+    pages = {}
+    for r in both:
+        pages.setdefault(r["id"], []).append(r["pages"])
+    assert two["redated"] == len(both) > 1.8 * len(shuffled) and all(len(set(p)) == len(p) for p in pages.values())
+    assert sum(len(p) == 2 for p in pages.values()) > 0.9 * len(pages)   # (a few dropped: a wrong top hit)
     calls = [[m["content"] for m in r["messages"] if m["role"] == "assistant"] for r in expert]
     assert all(tasks[r["id"]]["type"] == "hard" for r in expert)
     assert all(sum('"name": "crop"' in c for c in turns) == 1 for turns in calls)   # the expert crops the right corner

@@ -312,6 +312,8 @@ def main(argv=None):
     ap.add_argument("--redated", type=float, default=1.0, help="share of the searched oracle trajectories that read "
                     "re-dated pages (each landmark's year drawn anew) and answer the page's year: reading is the only "
                     "way to be right")
+    ap.add_argument("--views", type=int, default=1, help="re-dated copies each re-dated task is replayed on (one SFT "
+                    "trajectory each, at most REDATED): more views, fewer passes over any one trajectory's id and year")
     ap.add_argument("--renumber", action=argparse.BooleanOptionalAction, default=True, help="the re-dated copies "
                     "also give the pages new ids (the ids shuffled among the landmarks): the page to visit must be "
                     "copied from the search results, as no landmark keeps one id a model could learn")
@@ -413,7 +415,7 @@ def main(argv=None):
                                                          vectors=real["images"].vectors), "years": years,
                         "by_url": {URL.format(page=p): dict(e, year=y) for e, y, p in zip(entities, years, pages)}})
     rows = [dict(t, _root=str(out)) for t in train]
-    scripts, experts, variant = {}, {}, {}   # variant: (the re-dated view a task's oracle reads, its answer)
+    scripts, experts, variant = {}, {}, {}   # scripts[task id, view]; variant[view][task id]: the answer there
     typo_rng = random.Random(args.seed + 1)   # its own stream too
     for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
@@ -434,18 +436,22 @@ def main(argv=None):
             experts[task["id"]] = oracle(real, order=(task["corner"],))
         typo = task["type"] == "twohop" and typo_rng.random() < args.typos
         searched = task["type"] != "visual" and not task["direct"]
-        view = real
         if searched and redated_rng.random() < args.redated:
-            v = redated_rng.randrange(REDATED)
-            view = redated[v]
+            first = redated_rng.randrange(REDATED)
+            views = [first] + redated_rng.sample([v for v in range(REDATED) if v != first], args.views - 1)
             asked = entities[task["entity"]]["twin"] if task["type"] == "twohop" else task["entity"]
-            variant[task["id"]] = (v, view["years"][asked])
-        scripts[task["id"]] = oracle(view, order, typo)
+            for v in views:
+                variant.setdefault(v, {})[task["id"]] = redated[v]["years"][asked]
+                scripts[task["id"], v] = oracle(redated[v], order, typo)
+        else:
+            scripts[task["id"], None] = oracle(real, order, typo)
 
-    def replay(rows, scripts, crops, view=real):
-        """The scripted turns through the real rollout loop and tools; records of the right answers."""
-        trajs = core.rollout(policy, rows, toolbox(view), max_turns=10, max_images=6, max_context=8192, system=SYSTEM,
-                             forced=lambda task, turn: scripts[task["id"]][turn], score_forced=False, progress=False)
+    def replay(rows, scripts, crops, v=None):
+        """The scripted turns (scripts[task id, v]) through the real rollout loop and tools on view v
+        (None: the real web); records of the right answers."""
+        trajs = core.rollout(policy, rows, toolbox(real if v is None else redated[v]), max_turns=10, max_images=6,
+                             max_context=8192, system=SYSTEM, forced=lambda task, turn: scripts[task["id"], v][turn],
+                             score_forced=False, progress=False)
         records, stats = [], {k: [0, 0] for k in mix}
         for task, traj in zip(rows, trajs):
             value, parts = core.reward(traj, task)
@@ -454,16 +460,16 @@ def main(argv=None):
                 stats[task["type"]][0] += 1
                 records.append(core.trajectory_to_record(traj, image_dir=out / "images" / crops))
         return records, stats
-    records, stats = replay([r for r in rows if r["id"] not in variant], scripts, "crops")
+    records, stats = replay([r for r in rows if (r["id"], None) in scripts], scripts, "crops")
     redated_records = []
-    for v, view in enumerate(redated):   # the right answer is the re-dated page's year
-        mine = [dict(r, answers=[variant[r["id"]][1]]) for r in rows if r["id"] in variant and variant[r["id"]][0] == v]
-        kept, seen = replay(mine, scripts, "crops", view)
+    for v, years in sorted(variant.items()):   # the right answer is the re-dated page's year
+        kept, seen = replay([dict(r, answers=[years[r["id"]]]) for r in rows if r["id"] in years], scripts, "crops", v)
         for k, (right, n) in seen.items():
             stats[k] = [stats[k][0] + right, stats[k][1] + n]
-        redated_records += [dict(r, pages=f"sft_pages/corpus_{v}.jsonl", answers=[variant[r["id"]][1]]) for r in kept]
+        redated_records += [dict(r, pages=f"sft_pages/corpus_{v}.jsonl", answers=[years[r["id"]]]) for r in kept]
     records = sorted(records + redated_records, key=lambda r: r["id"])
-    expert_records, _ = replay([r for r in rows if r["id"] in experts], experts, "expert_crops")
+    expert_records, _ = replay([r for r in rows if r["id"] in experts], {(i, None): s for i, s in experts.items()},
+                               "expert_crops")
     write_jsonl(out / "sft.jsonl", records)
     write_jsonl(out / "expert.jsonl", expert_records)
     print(f"toy world in {out}: {len(entities)} landmarks ({len(unseen)} only in test), "
