@@ -313,7 +313,8 @@ def main(argv=None):
                     "re-dated pages (each landmark's year drawn anew) and answer the page's year: reading is the only "
                     "way to be right")
     ap.add_argument("--views", type=int, default=1, help="re-dated copies each re-dated task is replayed on (one SFT "
-                    "trajectory each, at most REDATED): more views, fewer passes over any one trajectory's id and year")
+                    "trajectory each, at most REDATED; the other trajectories are repeated as often): more views, "
+                    "fewer passes over any one trajectory's page id and year")
     ap.add_argument("--renumber", action=argparse.BooleanOptionalAction, default=True, help="the re-dated copies "
                     "also give the pages new ids (the ids shuffled among the landmarks): the page to visit must be "
                     "copied from the search results, as no landmark keeps one id a model could learn")
@@ -467,7 +468,7 @@ def main(argv=None):
         for k, (right, n) in seen.items():
             stats[k] = [stats[k][0] + right, stats[k][1] + n]
         redated_records += [dict(r, pages=f"sft_pages/corpus_{v}.jsonl", answers=[years[r["id"]]]) for r in kept]
-    records = sorted(records + redated_records, key=lambda r: r["id"])
+    records = sorted(records * args.views + redated_records, key=lambda r: r["id"])   # each habit keeps its share
     expert_records, _ = replay([r for r in rows if r["id"] in experts], {(i, None): s for i, s in experts.items()},
                                "expert_crops")
     write_jsonl(out / "sft.jsonl", records)
