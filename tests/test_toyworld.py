@@ -114,6 +114,11 @@ def test_too_many_landmarks_is_a_clear_error(tmp_path):
         prepare_module().main(["--entities", "600", "--out", str(tmp_path)])
 
 
+def test_too_many_views_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="--views 9: want 1 to 8"):
+        prepare_module().main(["--views", "9", "--out", str(tmp_path)])
+
+
 def test_unknown_question_type_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown question type"):
         prepare_module().main(["--mix", "visual:0.5,riddle:0.5", "--out", str(tmp_path)])

@@ -36,7 +36,8 @@ Memory and the page agree on every landmark, so an SFT model may learn to answer
 question from the picture and never read the page (the README's moved-pages check found five SFT
 models of six doing so). On a share of the searched trajectories (--redated, default all) the
 oracle searches the same way but reads re-dated pages, where every landmark's year is drawn anew
-(REDATED copies of the corpus, one drawn per trajectory), and answers the page's year: there,
+(REDATED copies of the corpus, one drawn per trajectory; --views K reads each task on K of
+them and repeats the other trajectories K times), and answers the page's year: there,
 copying the page is the only way to be right, as no landmark keeps one year a model could learn.
 (A fixed re-dating, one moved year per landmark, was tried first: the SFT and GRPO models learned
 both years of a landmark and chose between them, and read nothing on unseen landmarks.) The eval's
@@ -336,6 +337,8 @@ def main(argv=None):
     out = Path(args.out).resolve()   # records hold image paths: absolute, whatever the working directory
     (out / "images").mkdir(parents=True, exist_ok=True)
 
+    if not 1 <= args.views <= REDATED:
+        raise SystemExit(f"--views {args.views}: want 1 to {REDATED} (the re-dated copies of the corpus)")
     try:
         mix = {k: float(v) for k, v in (part.split(":") for part in args.mix.split(","))}
     except ValueError:
