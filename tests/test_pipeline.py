@@ -32,14 +32,14 @@ def test_main_command_fast_variant(tmp_path):
     assert "<svg" in (out / "curves.html").read_text() and (out / "eval_grpo" / "report.html").exists()
     rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows[-1]["dlogp_max"] < 1e-3
-    # the copy probe scores the SFT checkpoints on the expert trajectories: every url and answer digit
+    # the copy probe scores the SFT checkpoints on the expert trajectories: every url and quoted year digit
     sys.path.insert(0, str(ROOT / "data" / "toyworld"))
     import copy_probe
     expert = [json.loads(line) for line in (out / "world" / "expert.jsonl").read_text().splitlines()]
     probed = copy_probe.main([str(out / "sft"), str(out / "world")])
     assert [r["checkpoint"] for r in probed][-1] == "final" and len(probed) >= 2
-    assert all(r["answer_digits"] == 4 * len(expert) and r["url_digits"] >= 3 * len(expert) for r in probed)
-    assert all(0 < r["url_p"] < 1 and 0 < r["answer_p"] < 1 for r in probed)
+    assert all(r["year_digits"] == 4 * len(expert) and r["url_digits"] >= 3 * len(expert) for r in probed)
+    assert all(0 < r["url_p"] < 1 and 0 < r["year_p"] < 1 for r in probed)
     assert copy_probe.main([str(out / "sft"), str(out / "world")]) == []   # done: skipped
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "] done" not in again.stdout          # every stage skipped
