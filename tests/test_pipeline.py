@@ -24,6 +24,7 @@ def test_main_command_fast_variant(tmp_path):
     for row in ("init (tools)", "sft (no tools)", "grpo (tools)", "acc crop", "acc visual", "acc whole",
                 "acc twohop", "acc hard", "acc unseen", "turns (hard)"):   # every question type of the default world
         assert row in table, row
+    assert json.loads((out / "sft" / "args.json").read_text())["min_lr_ratio"] == 0.1   # --sft-min-lr-ratio
     assert json.loads((out / "grpo" / "args.json").read_text())["max_turns"] == 6      # Mini-o3: a short budget
     assert json.loads((out / "eval_grpo" / "summary.json").read_text())["settings"]["max_turns"] == 8   # more at test
     assert "answered with the page's (moved) year" in table and (out / "eval_grpo_moved" / "summary.json").exists()

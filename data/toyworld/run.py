@@ -52,6 +52,8 @@ def parse_args(argv=None):
     ap.add_argument("--fast", action="store_true", help="a small world and short runs (for CI)")
     ap.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer steps")
     ap.add_argument("--sft-lr", type=float, default=3e-3, help="SFT learning rate")
+    ap.add_argument("--sft-min-lr-ratio", type=float, default=0.1, help="SFT's cosine decay ends at this fraction "
+                    "of --sft-lr (1: constant)")
     ap.add_argument("--sft-batch-tokens", type=int, default=4096, help="padded tokens per SFT step")
     ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO optimizer steps")
     ap.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
@@ -231,6 +233,7 @@ def main(argv=None):
     if not (out / "sft" / "final" / "config.json").exists():
         run("sft", [py, ROOT / "train_sft.py", "--model", world / "model", "--data", world / "sft.jsonl",
                     "--out", out / "sft", "--steps", args.sft_steps, "--lr", args.sft_lr, "--warmup", "20",
+                    "--min-lr-ratio", args.sft_min_lr_ratio,
                     "--batch-tokens", args.sft_batch_tokens, "--seed", args.seed, "--save-every", "100", "--keep-last", "1",
                     "--quiet", "--resume"], log)
     evaluate("sft", out / "sft" / "final")
