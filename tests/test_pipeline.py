@@ -24,7 +24,6 @@ def test_main_command_fast_variant(tmp_path):
     for row in ("init (tools)", "sft (no tools)", "grpo (tools)", "acc crop", "acc visual", "acc whole",
                 "acc twohop", "acc hard", "acc unseen", "turns (hard)"):   # every question type of the default world
         assert row in table, row
-    assert json.loads((out / "sft" / "args.json").read_text())["min_lr_ratio"] == 0.1   # --sft-min-lr-ratio
     assert json.loads((out / "grpo" / "args.json").read_text())["max_turns"] == 6      # Mini-o3: a short budget
     assert json.loads((out / "eval_grpo" / "summary.json").read_text())["settings"]["max_turns"] == 8   # more at test
     assert "answered with the page's (moved) year" in table and (out / "eval_grpo_moved" / "summary.json").exists()
@@ -50,11 +49,14 @@ def test_main_command_fast_variant(tmp_path):
 
 
 def test_main_command_with_ahpo(tmp_path):
-    """--ahpo: GRPO also learns from the world's expert trajectories where a group had no success."""
+    """--ahpo: GRPO also learns from the world's expert trajectories where a group had no success (and the
+    SFT flags reach train_sft)."""
     out = tmp_path / "ahpo"
-    cmd = [sys.executable, str(ROOT / "data" / "toyworld" / "run.py"), "--fast", "--out", str(out), "--ahpo"]
+    cmd = [sys.executable, str(ROOT / "data" / "toyworld" / "run.py"), "--fast", "--out", str(out), "--ahpo",
+           "--sft-min-lr-ratio", "0.5"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert json.loads((out / "sft" / "args.json").read_text())["min_lr_ratio"] == 0.5   # passed on to train_sft
     settings = json.loads((out / "grpo" / "args.json").read_text())
     assert settings["expert_data"].endswith("expert.jsonl")
     expert = (out / "world" / "expert.jsonl").read_text().splitlines()
