@@ -419,7 +419,7 @@ def main(argv=None):
                                                          vectors=real["images"].vectors), "years": years,
                         "by_url": {URL.format(page=p): dict(e, year=y) for e, y, p in zip(entities, years, pages)}})
     rows = [dict(t, _root=str(out)) for t in train]
-    scripts, experts, variant = {}, {}, {}   # scripts[task id, view]; variant[view][task id]: the answer there
+    scripts, experts, variant = {}, {}, {}   # scripts/experts[task id, view]; variant[view][task id]: the answer there
     typo_rng = random.Random(args.seed + 1)   # its own stream too
     for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
@@ -437,7 +437,7 @@ def main(argv=None):
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
-            experts[task["id"]] = oracle(real, order=(task["corner"],))
+            experts[task["id"], None] = oracle(real, order=(task["corner"],))
         typo = task["type"] == "twohop" and typo_rng.random() < args.typos
         searched = task["type"] != "visual" and not task["direct"]
         if searched and redated_rng.random() < args.redated:
@@ -472,8 +472,7 @@ def main(argv=None):
             stats[k] = [stats[k][0] + right, stats[k][1] + n]
         redated_records += [dict(r, pages=f"sft_pages/corpus_{v}.jsonl", answers=[years[r["id"]]]) for r in kept]
     records = sorted(records * args.views + redated_records, key=lambda r: r["id"])   # each habit keeps its share
-    expert_records, _ = replay([r for r in rows if r["id"] in experts], {(i, None): s for i, s in experts.items()},
-                               "expert_crops")
+    expert_records, _ = replay([r for r in rows if (r["id"], None) in experts], experts, "expert_crops")
     write_jsonl(out / "sft.jsonl", records)
     write_jsonl(out / "expert.jsonl", expert_records)
     print(f"toy world in {out}: {len(entities)} landmarks ({len(unseen)} only in test), "
