@@ -64,24 +64,44 @@ def test_main_command_with_ahpo(tmp_path):
     assert expert and sum(r["ahpo"] for r in rows) > 0   # AHPO fired on groups with no success
 
 
-def test_killing_the_main_command_stops_its_stage(tmp_path):
-    """SIGTERM to run.py ends the stage it is running too (else it would go on writing into the folder)."""
-    pid_file = tmp_path / "stage.pid"
-    stage = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+def test_killing_the_main_command_stops_its_stages(tmp_path):
+    """SIGTERM to run.py ends the stages it is running side by side too (else they would go on
+    writing into the folder)."""
+    pid_files = [tmp_path / f"stage{i}.pid" for i in range(2)]
+    stages = [f"import os, time; open({str(f)!r}, 'w').write(str(os.getpid())); time.sleep(120)" for f in pid_files]
     driver = (f"import signal, sys; sys.path.insert(0, {str(ROOT / 'data' / 'toyworld')!r}); import run; "
               "signal.signal(signal.SIGTERM, run.stop_on_signal); "
-              f"run.run('stage', [sys.executable, '-c', {stage!r}], {str(tmp_path / 'log.txt')!r})")
+              f"run.run([('a', [sys.executable, '-c', {stages[0]!r}]), ('b', [sys.executable, '-c', {stages[1]!r}])], "
+              f"{str(tmp_path / 'log.txt')!r})")
     proc = subprocess.Popen([sys.executable, "-c", driver], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 60
-    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+    while not all(f.exists() and f.read_text() for f in pid_files) and time.time() < deadline:
         time.sleep(0.1)
-    child = int(pid_file.read_text())
+    children = [int(f.read_text()) for f in pid_files]
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "stopped by signal" in err and "run the same command again" in err
-    with pytest.raises(ProcessLookupError):   # the stage is gone (killed and reaped), not running on
-        os.kill(child, 0)
+    for child in children:
+        with pytest.raises(ProcessLookupError):   # the stage is gone (killed and reaped), not running on
+            os.kill(child, 0)
+
+
+def test_a_failing_stage_stops_the_others_with_its_log(tmp_path):
+    """Side by side, the first stage that fails stops the pipeline with the end of its own log, and
+    the stage still running is killed; the stages' logs end up in log.txt."""
+    sys.path.insert(0, str(ROOT / "data" / "toyworld"))
+    import run
+    log = tmp_path / "log.txt"
+    fail = "import sys; print('reading the world'); sys.exit('bad world: no tasks')"
+    slow = "import time; print('slow stage', flush=True); time.sleep(120)"
+    t0 = time.time()
+    with pytest.raises(SystemExit) as e:
+        run.run([("eval a", [sys.executable, "-c", slow]), ("eval b", [sys.executable, "-c", fail])], log)
+    assert "[eval b] failed (exit 1)" in str(e.value) and "bad world: no tasks" in str(e.value)
+    assert time.time() - t0 < 60                          # the slow one was killed, not waited for
+    assert "bad world: no tasks" in log.read_text() and "slow stage" in log.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.txt"]   # the stages' own logs went into it
 
 
 def test_stage_table_counts_unseen_landmarks_apart():

@@ -4,8 +4,8 @@
     python data/toyworld/run.py --seed 1 --out runs/toy_s1
     python data/toyworld/run.py --fast --out /tmp/toy_fast     # a small world and short runs (CI)
 
-Stages, each a separate script run in its own process (re-running skips finished stages and
-resumes an interrupted training run):
+Stages, each a separate script run in its own process, the evals of a stage side by side
+(re-running skips finished stages and resumes an interrupted training run):
     1. world      data/toyworld/prepare.py: landmarks, pages, image index, tasks, oracle SFT data, tiny model
     2. eval init  eval.py on the test split, the untrained model, with tools and with --no-tools
     3. sft        train_sft.py on the oracle trajectories
@@ -21,6 +21,7 @@ shows; tool use, turns, finish reasons) and the moved-page counts are printed an
 import argparse
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -94,18 +95,50 @@ def stop_on_signal(signum, frame):
                      "again to resume: finished stages are skipped, training resumes from its last checkpoint.")
 
 
-def run(stage, cmd, log):
-    """One stage in its own process; its output goes to `log`; a failure stops the pipeline. An
-    exception while it runs (see stop_on_signal) kills it: subprocess.run does so on any exception."""
+def run(jobs, log):
+    """Stages [(name, cmd), ...] side by side, each in its own process writing its own log (added
+    to `log` when it ends); a failure stops the pipeline. An exception while they run (see
+    stop_on_signal) kills them all. Side by side, each gets an equal share of the CPU threads: an
+    eval spends much of its time in one thread (imports, the decoding loop's Python, the tools), so
+    a stage's three evals together take about 0.8 of their time one after the other (the same
+    results: greedy decoding of these models does not depend on the thread count, checked)."""
     t0 = time.time()
-    print(f"[{stage}] {' '.join(str(c) for c in cmd[1:])}", flush=True)
-    with open(log, "a", encoding="utf-8") as f:
-        code = subprocess.run([str(c) for c in cmd], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    if code:
-        tail = "".join(Path(log).read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-15:])
-        raise SystemExit(f"[{stage}] failed (exit {code}); the end of {log}:\n{tail}\n"
-                         "Fix the cause and run the same command again: finished stages are skipped.")
-    print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
+    threads = str(max(1, (os.cpu_count() or 1) // len(jobs)))
+    env = {**os.environ, "OMP_NUM_THREADS": threads} if len(jobs) > 1 else None
+    procs = []
+
+    def keep_log(part):   # a stage's own log, added to `log`
+        text = part.read_text(encoding="utf-8", errors="replace")
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(text)
+        part.unlink()
+        return text
+
+    try:
+        for stage, cmd in jobs:
+            print(f"[{stage}] {' '.join(str(c) for c in cmd[1:])}", flush=True)
+            part = Path(f"{log}.{len(procs)}")
+            with open(part, "w", encoding="utf-8") as f:
+                procs.append((stage, part, subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=f,
+                                                            stderr=subprocess.STDOUT)))
+        running = list(procs)
+        while running:   # the first to fail stops the others
+            time.sleep(0.2)
+            for stage, part, proc in [job for job in running if job[2].poll() is not None]:
+                running.remove((stage, part, proc))
+                text = keep_log(part)
+                if proc.returncode:
+                    tail = "".join(text.splitlines(keepends=True)[-15:])
+                    raise SystemExit(f"[{stage}] failed (exit {proc.returncode}); the end of its log ({log}):\n"
+                                     f"{tail}\nFix the cause and run the same command again: finished stages are skipped.")
+                print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
+    finally:
+        for _, part, proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if part.exists():
+                keep_log(part)
 
 
 def stage_table(name, results, types, unseen=()):
@@ -208,8 +241,8 @@ def main(argv=None):
                          "sft_pages/images_0.jsonl, of 2026-11-30): give this run another --out, or delete the "
                          "folder to start over.")
     if not (world / "sft.jsonl").exists():
-        run("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, "--k", args.k, "--visit-chars",
-                      args.visit_chars, "--crop-upscale", args.crop_upscale, *size, *args.world_args.split()], log)
+        run([("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, "--k", args.k, "--visit-chars",
+                      args.visit_chars, "--crop-upscale", args.crop_upscale, *size, *args.world_args.split()])], log)
     system = ["--system", (world / "system.txt").read_text(encoding="utf-8")]
 
     def tool_flags(corpus=world / "corpus.jsonl"):
@@ -222,29 +255,29 @@ def main(argv=None):
                     ("_notools", [*tool_flags(), "--no-tools"])]
         if stage != "init":   # does it read the page? (the world's pages with every year moved)
             variants.append(("_moved", [*tool_flags(world / "corpus_moved.jsonl"), *system]))
-        for suffix, extra in variants:
-            folder = out / f"eval_{stage}{suffix}"
-            if not (folder / "summary.json").exists():
-                run(f"eval {stage}{suffix.replace('_', ' ')}",
-                    [py, ROOT / "eval.py", "--model", model, "--data", world / "test.jsonl", "--out", folder,
-                     "--batch", "64", "--resume", "--temperature", "0", "--max-turns", args.eval_turns, *extra], log)
+        jobs = [(f"eval {stage}{suffix.replace('_', ' ')}",
+                 [py, ROOT / "eval.py", "--model", model, "--data", world / "test.jsonl", "--out", out / f"eval_{stage}{suffix}",
+                  "--batch", "64", "--resume", "--temperature", "0", "--max-turns", args.eval_turns, *extra])
+                for suffix, extra in variants if not (out / f"eval_{stage}{suffix}" / "summary.json").exists()]
+        if jobs:
+            run(jobs, log)
 
     evaluate("init", world / "model")
     if not (out / "sft" / "final" / "config.json").exists():
-        run("sft", [py, ROOT / "train_sft.py", "--model", world / "model", "--data", world / "sft.jsonl",
+        run([("sft", [py, ROOT / "train_sft.py", "--model", world / "model", "--data", world / "sft.jsonl",
                     "--out", out / "sft", "--steps", args.sft_steps, "--lr", args.sft_lr, "--warmup", "20",
                     "--min-lr-ratio", args.sft_min_lr_ratio,
                     "--batch-tokens", args.sft_batch_tokens, "--seed", args.seed, "--save-every", "100", "--keep-last", "1",
-                    "--quiet", "--resume"], log)
+                    "--quiet", "--resume"])], log)
     evaluate("sft", out / "sft" / "final")
     if not (out / "grpo" / "final" / "config.json").exists():
-        run("grpo", [py, ROOT / "train_grpo.py", "--model", out / "sft" / "final", "--tasks", world / "train.jsonl",
+        run([("grpo", [py, ROOT / "train_grpo.py", "--model", out / "sft" / "final", "--tasks", world / "train.jsonl",
                      "--eval-tasks", world / "val.jsonl", "--out", out / "grpo", "--steps", args.grpo_steps,
                      "--lr", args.grpo_lr, "--temperature", args.temperature, "--tasks-per-step", "8",
                      "--group-size", "8", "--rollout-batch", "64", "--eval-every", math.ceil(args.grpo_steps / 4),
                      "--save-every", "10", "--keep-last", "1", "--seed", args.seed, "--quiet", "--resume",
                      "--max-turns", args.train_turns, *tool_flags(), *system, *args.grpo_args.split(),
-                     *(["--expert-data", world / "expert.jsonl"] if args.ahpo else [])], log)
+                     *(["--expert-data", world / "expert.jsonl"] if args.ahpo else [])])], log)
     evaluate("grpo", out / "grpo" / "final")
 
     test = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
