@@ -146,14 +146,27 @@ def test_sequence_logprobs_match_model_logits(fixture, request):
     policy.model.zero_grad(set_to_none=True)
 
 
-def test_positions_ignore_padding(policy):
-    """A row's multimodal positions are the same alone and beside a longer row."""
+@pytest.mark.parametrize("fixture", ["policy", "policy3"])
+def test_positions_ignore_padding(fixture, request):
+    """A row's multimodal positions are the same alone and beside a longer row, and equal the
+    model's own get_rope_index over the padded batch, also after the trajectory grows."""
+    policy = request.getfixturevalue(fixture)
     a = core.new_trajectory(policy, {"image": Image.new("RGB", (90, 60)), "question": "Hi?"})
     b = core.new_trajectory(policy, {"image": Image.new("RGB", (200, 150)), "question": "A much longer question here?"})
+
+    def model_positions(batch):
+        return policy.model.model.get_rope_index(batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+                                                 image_grid_thw=batch["image_grid_thw"],
+                                                 attention_mask=batch["attention_mask"])[0]
     alone = core.collate(policy, [a])["position_ids"]
-    both = core.collate(policy, [b, a])["position_ids"]
+    both = core.collate(policy, [b, a])
     n = len(a.input_ids)
-    assert torch.equal(alone[:, 0, :n], both[:, 1, :n])
+    assert torch.equal(alone[:, 0, :n], both["position_ids"][:, 1, :n])
+    assert torch.equal(both["position_ids"], model_positions(both))
+    core.add_tool_results(policy, a, [[{"type": "text", "text": "crop:"}, {"type": "image"}]], [Image.new("RGB", (56, 84))])
+    grown = core.collate(policy, [b, a])   # a's kept positions are recomputed for its new tokens
+    assert grown["position_ids"].shape[2] > both["position_ids"].shape[2]
+    assert torch.equal(grown["position_ids"], model_positions(grown))
 
 
 def test_load_policy_errors(tiny_dir, tmp_path):
