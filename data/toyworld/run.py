@@ -96,29 +96,31 @@ def stop_on_signal(signum, frame):
 
 
 def run(jobs, log):
-    """Stages [(name, cmd), ...] side by side, each in its own process writing its own log (added
-    to `log` when it ends); a failure stops the pipeline. An exception while they run (see
-    stop_on_signal) kills them all. Side by side, each gets an equal share of the CPU threads: an
-    eval spends much of its time in one thread (imports, the decoding loop's Python, the tools), so
-    a stage's three evals together take about 0.8 of their time one after the other (the same
-    results: greedy decoding of these models does not depend on the thread count, checked)."""
+    """Stages [(name, cmd), ...] side by side, each in its own process; one stage writes to `log`,
+    several each to their own file, added to `log` when it ends. A failure stops the pipeline; an
+    exception while they run (see stop_on_signal) kills them all. Side by side, each gets an equal
+    share of the CPU threads: an eval spends much of its time in one thread (imports, the decoding
+    loop's Python, the tools), so a stage's three evals together take about 0.8 of their time one
+    after the other (with the same results: greedy decoding here did not change with the thread
+    count, checked on every stage's evals)."""
     t0 = time.time()
     threads = str(max(1, (os.cpu_count() or 1) // len(jobs)))
     env = {**os.environ, "OMP_NUM_THREADS": threads} if len(jobs) > 1 else None
     procs = []
 
-    def keep_log(part):   # a stage's own log, added to `log`
+    def keep_log(part):   # a stage's log, added to `log` if it has its own
         text = part.read_text(encoding="utf-8", errors="replace")
-        with open(log, "a", encoding="utf-8") as f:
-            f.write(text)
-        part.unlink()
+        if part != Path(log):
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(text)
+            part.unlink()
         return text
 
     try:
         for stage, cmd in jobs:
             print(f"[{stage}] {' '.join(str(c) for c in cmd[1:])}", flush=True)
-            part = Path(f"{log}.{len(procs)}")
-            with open(part, "w", encoding="utf-8") as f:
+            part = Path(log) if len(jobs) == 1 else Path(f"{log}.{len(procs)}")
+            with open(part, "a" if len(jobs) == 1 else "w", encoding="utf-8") as f:
                 procs.append((stage, part, subprocess.Popen([str(c) for c in cmd], cwd=ROOT, env=env, stdout=f,
                                                             stderr=subprocess.STDOUT)))
         running = list(procs)
@@ -128,7 +130,7 @@ def run(jobs, log):
                 running.remove((stage, part, proc))
                 text = keep_log(part)
                 if proc.returncode:
-                    tail = "".join(text.splitlines(keepends=True)[-15:])
+                    tail = "".join(text.splitlines(keepends=True)[-15:])   # (one stage: of the whole log)
                     raise SystemExit(f"[{stage}] failed (exit {proc.returncode}); the end of its log ({log}):\n"
                                      f"{tail}\nFix the cause and run the same command again: finished stages are skipped.")
                 print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
