@@ -257,9 +257,10 @@ def main(argv=None):
                     ("_notools", [*tool_flags(), "--no-tools"])]
         if stage != "init":   # does it read the page? (the world's pages with every year moved)
             variants.append(("_moved", [*tool_flags(world / "corpus_moved.jsonl"), *system]))
+        # the whole test split in one batch: a quarter less time than batches of 64, the same answers
         jobs = [(f"eval {stage}{suffix.replace('_', ' ')}",
                  [py, ROOT / "eval.py", "--model", model, "--data", world / "test.jsonl", "--out", out / f"eval_{stage}{suffix}",
-                  "--batch", "64", "--resume", "--temperature", "0", "--max-turns", args.eval_turns, *extra])
+                  "--batch", "320", "--resume", "--temperature", "0", "--max-turns", args.eval_turns, *extra])
                 for suffix, extra in variants if not (out / f"eval_{stage}{suffix}" / "summary.json").exists()]
         if jobs:
             run(jobs, log)
@@ -272,11 +273,11 @@ def main(argv=None):
                     "--batch-tokens", args.sft_batch_tokens, "--seed", args.seed, "--save-every", "100", "--keep-last", "1",
                     "--quiet", "--resume"])], log)
     evaluate("sft", out / "sft" / "final")
-    if not (out / "grpo" / "final" / "config.json").exists():
+    if not (out / "grpo" / "final" / "config.json").exists():   # (--rollout-batch: the 80 val tasks in one batch)
         run([("grpo", [py, ROOT / "train_grpo.py", "--model", out / "sft" / "final", "--tasks", world / "train.jsonl",
                      "--eval-tasks", world / "val.jsonl", "--out", out / "grpo", "--steps", args.grpo_steps,
                      "--lr", args.grpo_lr, "--temperature", args.temperature, "--tasks-per-step", "8",
-                     "--group-size", "8", "--rollout-batch", "64", "--eval-every", math.ceil(args.grpo_steps / 4),
+                     "--group-size", "8", "--rollout-batch", "80", "--eval-every", math.ceil(args.grpo_steps / 4),
                      "--save-every", "10", "--keep-last", "1", "--seed", args.seed, "--quiet", "--resume",
                      "--max-turns", args.train_turns, *tool_flags(), *system, *args.grpo_args.split(),
                      *(["--expert-data", world / "expert.jsonl"] if args.ahpo else [])])], log)
