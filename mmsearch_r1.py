@@ -403,7 +403,7 @@ class Trajectory:
     finish_reason: str | None = None
     turns: int = 0
     meta: dict = field(default_factory=dict)
-    positions: object = None   # (3, n) rotary positions, kept by row_positions
+    positions: object = field(default=None, repr=False, compare=False)   # (3, n), kept by row_positions
 
     def append(self, ids, mask, logprobs=None):
         """Append ids with one mask value for all (int) or one per id (list)."""

@@ -130,7 +130,7 @@ def run(jobs, log):
                 running.remove((stage, part, proc))
                 text = keep_log(part)
                 if proc.returncode:
-                    tail = "".join(text.splitlines(keepends=True)[-15:])   # (one stage: of the whole log)
+                    tail = "".join(text.splitlines(keepends=True)[-15:])   # (a stage alone: log.txt's end)
                     raise SystemExit(f"[{stage}] failed (exit {proc.returncode}); the end of its log ({log}):\n"
                                      f"{tail}\nFix the cause and run the same command again: finished stages are skipped.")
                 print(f"[{stage}] done in {time.time() - t0:.0f} s", flush=True)
@@ -244,7 +244,7 @@ def main(argv=None):
                          "folder to start over.")
     if not (world / "sft.jsonl").exists():
         run([("world", [py, HERE / "prepare.py", "--out", world, "--seed", args.seed, "--k", args.k, "--visit-chars",
-                      args.visit_chars, "--crop-upscale", args.crop_upscale, *size, *args.world_args.split()])], log)
+                        args.visit_chars, "--crop-upscale", args.crop_upscale, *size, *args.world_args.split()])], log)
     system = ["--system", (world / "system.txt").read_text(encoding="utf-8")]
 
     def tool_flags(corpus=world / "corpus.jsonl"):
@@ -268,19 +268,18 @@ def main(argv=None):
     evaluate("init", world / "model")
     if not (out / "sft" / "final" / "config.json").exists():
         run([("sft", [py, ROOT / "train_sft.py", "--model", world / "model", "--data", world / "sft.jsonl",
-                    "--out", out / "sft", "--steps", args.sft_steps, "--lr", args.sft_lr, "--warmup", "20",
-                    "--min-lr-ratio", args.sft_min_lr_ratio,
-                    "--batch-tokens", args.sft_batch_tokens, "--seed", args.seed, "--save-every", "100", "--keep-last", "1",
-                    "--quiet", "--resume"])], log)
+                      "--out", out / "sft", "--steps", args.sft_steps, "--lr", args.sft_lr, "--warmup", "20",
+                      "--min-lr-ratio", args.sft_min_lr_ratio, "--batch-tokens", args.sft_batch_tokens,
+                      "--seed", args.seed, "--save-every", "100", "--keep-last", "1", "--quiet", "--resume"])], log)
     evaluate("sft", out / "sft" / "final")
     if not (out / "grpo" / "final" / "config.json").exists():   # (--rollout-batch: the 80 val tasks in one batch)
         run([("grpo", [py, ROOT / "train_grpo.py", "--model", out / "sft" / "final", "--tasks", world / "train.jsonl",
-                     "--eval-tasks", world / "val.jsonl", "--out", out / "grpo", "--steps", args.grpo_steps,
-                     "--lr", args.grpo_lr, "--temperature", args.temperature, "--tasks-per-step", "8",
-                     "--group-size", "8", "--rollout-batch", "80", "--eval-every", math.ceil(args.grpo_steps / 4),
-                     "--save-every", "10", "--keep-last", "1", "--seed", args.seed, "--quiet", "--resume",
-                     "--max-turns", args.train_turns, *tool_flags(), *system, *args.grpo_args.split(),
-                     *(["--expert-data", world / "expert.jsonl"] if args.ahpo else [])])], log)
+                       "--eval-tasks", world / "val.jsonl", "--out", out / "grpo", "--steps", args.grpo_steps,
+                       "--lr", args.grpo_lr, "--temperature", args.temperature, "--tasks-per-step", "8",
+                       "--group-size", "8", "--rollout-batch", "80", "--eval-every", math.ceil(args.grpo_steps / 4),
+                       "--save-every", "10", "--keep-last", "1", "--seed", args.seed, "--quiet", "--resume",
+                       "--max-turns", args.train_turns, *tool_flags(), *system, *args.grpo_args.split(),
+                       *(["--expert-data", world / "expert.jsonl"] if args.ahpo else [])])], log)
     evaluate("grpo", out / "grpo" / "final")
 
     test = [json.loads(line) for line in (world / "test.jsonl").read_text().splitlines()]
