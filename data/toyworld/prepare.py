@@ -407,9 +407,10 @@ def main(argv=None):
     renumber_rng = random.Random(args.seed + 3)  # and --renumber's
     redated = []   # REDATED views with the years drawn anew (and with --renumber, the page ids shuffled)
     (out / "sft_pages").mkdir(exist_ok=True)
+    # each landmark's choice of re-dated years (not its own, not its moved one), listed once for all views
+    choices = [[y for y in map(str, range(1200, 2021)) if y not in (e["year"], moved_year(e["year"]))] for e in entities]
     for v in range(REDATED):
-        years = [str(redated_rng.choice([y for y in range(1200, 2021) if str(y) not in (e["year"], moved_year(e["year"]))]))
-                 for e in entities]
+        years = [redated_rng.choice(c) for c in choices]
         pages = renumber_rng.sample(ids, len(ids)) if args.renumber else ids
         write_jsonl(out / "sft_pages" / f"corpus_{v}.jsonl", version(years, pages))
         write_jsonl(out / "sft_pages" / f"images_{v}.jsonl",   # image paths are relative to the index
@@ -421,9 +422,12 @@ def main(argv=None):
     rows = [dict(t, _root=str(out)) for t in train]
     scripts, experts, variant = {}, {}, {}   # scripts/experts[task id, view]; variant[view][task id]: the answer there
     typo_rng = random.Random(args.seed + 1)   # its own stream too
+    shown_sizes = {}
     for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
-        shown = policy.shown_size(image)
+        if image.size not in shown_sizes:   # (the image processor run once per scene size, not per scene)
+            shown_sizes[image.size] = policy.shown_size(image)
+        shown = shown_sizes[image.size]
 
         def box(corner):
             return oracle_box(corner, policy.crop_convention, shown)
