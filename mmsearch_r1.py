@@ -615,7 +615,7 @@ def trajectory_to_record(traj, image_dir=None):
 def row_positions(policy, traj):
     """The Qwen-VL multimodal rotary positions (3, n) of a trajectory's tokens (get_rope_index over
     the row alone), kept on it until it grows: an SFT run collates each trajectory many times, and
-    this was two thirds of collate's time."""
+    this was half of collate's time."""
     if traj.positions is None or traj.positions.shape[1] != len(traj.input_ids):
         ids = torch.tensor([traj.input_ids])
         grids = [g for _, g in traj.image_inputs]
