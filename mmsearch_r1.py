@@ -617,12 +617,16 @@ def row_positions(policy, traj):
     the row alone), kept on it until it grows: an SFT run collates each trajectory many times, and
     this was half of collate's time."""
     if traj.positions is None or traj.positions.shape[1] != len(traj.input_ids):
-        ids = torch.tensor([traj.input_ids])
-        grids = [g for _, g in traj.image_inputs]
-        traj.positions = policy.model.model.get_rope_index(
-            ids, mm_token_type_ids=(ids == policy.ids["image_pad"]).long(),
-            image_grid_thw=torch.stack(grids) if grids else None)[0][:, 0]
+        traj.positions = rope_positions(policy, traj.input_ids, traj.image_inputs)
     return traj.positions
+
+
+def rope_positions(policy, ids, image_inputs):
+    """get_rope_index's positions (3, n) of one row of ids holding these images, counted from 0."""
+    ids = torch.tensor([ids])
+    grids = [g for _, g in image_inputs]
+    return policy.model.model.get_rope_index(ids, mm_token_type_ids=(ids == policy.ids["image_pad"]).long(),
+                                             image_grid_thw=torch.stack(grids) if grids else None)[0][:, 0]
 
 
 def collate(policy, trajs):
@@ -1008,10 +1012,8 @@ def _segment_positions(policy, row):
     images = row.traj.image_inputs[row.n_images_cached:]
     if not images:
         return torch.arange(start, start + len(seg)).expand(3, -1), start + len(seg)
-    ids = torch.tensor([seg])
-    pos, _ = policy.model.model.get_rope_index(ids, mm_token_type_ids=(ids == policy.ids["image_pad"]).long(),
-                                               image_grid_thw=torch.stack([g for _, g in images]))
-    return pos[:, 0] + start, start + int(pos.max()) + 1
+    pos = rope_positions(policy, seg, images)
+    return pos + start, start + int(pos.max()) + 1
 
 
 def _lm_head(policy, hidden):

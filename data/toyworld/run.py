@@ -102,7 +102,7 @@ def run(jobs, log):
     share of the CPU threads: an eval spends much of its time in one thread (imports, the decoding
     loop's Python, the tools), so a stage's three evals together take about 0.8 of their time one
     after the other (with the same results: greedy decoding here did not change with the thread
-    count, checked on every stage's evals)."""
+    count, checked answer by answer on the SFT stage's evals and table by table on every stage's)."""
     t0 = time.time()
     threads = str(max(1, (os.cpu_count() or 1) // len(jobs)))
     env = {**os.environ, "OMP_NUM_THREADS": threads} if len(jobs) > 1 else None
@@ -139,7 +139,7 @@ def run(jobs, log):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            if part.exists():
+            if part != Path(log) and part.exists():   # a killed stage's own log
                 keep_log(part)
 
 
