@@ -1,4 +1,5 @@
 """Chat format, loss masks, record round-trip, load_policy errors, sequence_logprobs."""
+import copy as copy_module
 import json
 
 import pytest
@@ -147,6 +148,34 @@ def test_sequence_logprobs_match_model_logits(fixture, request):
 
 
 @pytest.mark.parametrize("fixture", ["policy", "policy3"])
+def test_shared_prefix_runs_once_with_the_same_logprobs_and_gradients(fixture, request, monkeypatch):
+    """Rows sharing their system prompt: it runs once, and log-probs and gradients equal running
+    every row whole. The shared part ends before the first differing token and before any image."""
+    policy = request.getfixturevalue(fixture)
+    trajs = []
+    for question in ["Where?", "Which city is this tower in?", "What is it?"]:
+        traj = core.new_trajectory(policy, {"image": Image.new("RGB", (56, 56), "red"), "question": question})
+        core.add_message(policy, traj, "assistant", "<answer>Paris</answer>")
+        trajs.append(traj)
+    batch = core.collate(policy, trajs)
+    P = core.shared_prefix_length(batch)
+    first_image = int(batch["mm_token_type_ids"][0].argmax())
+    assert 0 < P <= first_image   # the system prompt and the user turn's header, up to its image
+    results = []
+    for saving in (0.25, 2.0):   # 2.0: never share
+        monkeypatch.setattr(core, "SHARED_PREFIX_SAVING", saving)
+        assert (core.shared_prefix_length(batch) > 0) == (saving < 1)
+        logp, _ = core.sequence_logprobs(policy, batch)
+        logp.sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in core.trainable_parameters(policy.model)]))
+        policy.model.zero_grad(set_to_none=True)
+    (shared, g_shared), (whole, g_whole) = results
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=0)
+    for a, b in zip(g_shared, g_whole):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fixture", ["policy", "policy3"])
 def test_positions_ignore_padding(fixture, request):
     """A row's multimodal positions are the same alone and beside a longer row, and equal the
     model's own get_rope_index over the padded batch, also after the trajectory grows."""
@@ -167,6 +196,35 @@ def test_positions_ignore_padding(fixture, request):
     grown = core.collate(policy, [b, a])   # a's kept positions are recomputed for its new tokens
     assert grown["position_ids"].shape[2] > both["position_ids"].shape[2]
     assert torch.equal(grown["position_ids"], model_positions(grown))
+
+
+@pytest.mark.parametrize("fixture", ["policy", "policy3", "qwen2_vl"])
+def test_patch_embedding_matmul_equals_conv3d(fixture, request):
+    """load_policy's matmul patch embedding computes the Conv3d's map (values and gradients), on
+    the model and on a deepcopy of it (which must run on its own weights, not the original's)."""
+    if fixture == "qwen2_vl":   # no tiny Qwen2-VL policy: its patch embedding module alone
+        from types import SimpleNamespace
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
+        model = SimpleNamespace(model=SimpleNamespace(visual=SimpleNamespace(patch_embed=PatchEmbed(14, 2, 3, 32))))
+        core.embed_patches_with_matmul(model)
+    else:
+        model = request.getfixturevalue(fixture).model
+    embed = model.model.visual.patch_embed
+    pixels = torch.randn(40, embed.proj.weight[0].numel(), requires_grad=True)
+    conv = type(embed).forward(embed, pixels)   # the class's own Conv3d forward
+    (g_conv,) = torch.autograd.grad(conv.square().sum(), pixels)
+    ours = embed(pixels)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), pixels)
+    assert embed.forward.__func__ is core._patch_embed_forward
+    torch.testing.assert_close(ours, conv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(g_ours, g_conv, atol=1e-4, rtol=1e-5)
+    if fixture != "qwen2_vl":
+        copy = copy_module.deepcopy(model).model.visual.patch_embed
+        with torch.no_grad():
+            copy.proj.weight.zero_()
+        bias = copy.proj.bias if copy.proj.bias is not None else torch.zeros(copy.proj.weight.shape[0])
+        assert torch.equal(copy(pixels), bias.expand(40, -1))   # the copy runs on its own weights
+        torch.testing.assert_close(embed(pixels), ours)   # the original keeps its weights
 
 
 def test_load_policy_errors(tiny_dir, tmp_path):
