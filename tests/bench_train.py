@@ -2,6 +2,7 @@
 
     python tests/bench_train.py                   # CPU: the tiny and small configs, each in a fresh process
     python tests/bench_train.py --toy runs/toy    # GRPO steps on the toy world instead (train_grpo.py itself)
+    python tests/bench_train.py --toy-sft runs/toy  # SFT steps on the toy world: plain forward against ours
     python tests/bench_train.py --device cuda     # adds a Qwen2.5-VL-3B-shaped model at 8k tokens (bf16 autocast)
 
 SFT rows: --rows trajectories of about --tokens tokens each (a question image, a long assistant
@@ -144,10 +145,51 @@ def toy_grpo_steps(run, steps):
         return [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
 
 
+def toy_sft_ab(run, steps):
+    """SFT steps of train_sft.py's own functions on RUN's world (its model and sft.jsonl, the main
+    command's 4,096-token steps), alternating step by step between the plain forward (the Conv3d
+    patch embedding, every row run whole) and ours (matmul patch embedding, shared prefix run once),
+    after one epoch that caches every trajectory's positions: seconds a step of each, paired in time."""
+    import types
+    world = Path(run) / "world"
+    policy = core.load_policy(world / "model", device="cpu")
+    embed = policy.model.model.visual.patch_embed
+    records, lengths, n_loss, _ = train_sft.load_sft_data(world / "sft.jsonl", policy, 8192, False, True, 2048)
+    micro_batches = core.pack_by_tokens(lengths, 4096)
+    params = core.trainable_parameters(policy.model)
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95))
+    saving = core.SHARED_PREFIX_SAVING
+
+    def step(s, ours):
+        core.SHARED_PREFIX_SAVING = saving if ours else float("inf")
+        embed.forward = types.MethodType(core._patch_embed_forward if ours else type(embed).forward, embed)
+        micro = train_sft.step_micro_batches(micro_batches, s, 1, 0)
+        trajs = [[train_sft.trajectory(policy, records[i]) for i in mb] for mb in micro]
+        train_sft.accumulate_gradients(policy, trajs, sum(n_loss[i] for mb in micro for i in mb))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    epoch = len(micro_batches)
+    for s in range(epoch):
+        step(s, True)
+    times = {False: [], True: []}
+    for s in range(epoch, epoch + 2 * steps):
+        t0 = time.perf_counter()
+        step(s, s % 2 == 1)
+        times[s % 2 == 1].append(time.perf_counter() - t0)
+    plain, ours = (sum(times[k]) / len(times[k]) for k in (False, True))
+    print(f"SFT steps on the toy world ({run}), {steps} each, alternating:\n\n| plain s/step | ours s/step | ours / plain |"
+          f"\n|---|---|---|\n| {plain:.3f} | {ours:.3f} | {ours / plain:.3f} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--toy", default=None, help="a data/toyworld/run.py output folder: time GRPO steps on it (only)")
     ap.add_argument("--toy-steps", type=int, default=12, help="GRPO steps on the toy world (the first is not counted)")
+    ap.add_argument("--toy-sft", default=None, help="a data/toyworld/run.py output folder: time SFT steps on it, "
+                    "plain forward against ours, alternating (only)")
+    ap.add_argument("--toy-sft-steps", type=int, default=134, help="SFT steps of each kind")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--rows", type=int, default=4, help="trajectories per step")
     ap.add_argument("--tokens", type=int, default=1024, help="tokens per trajectory")
@@ -158,6 +200,8 @@ def main():
         return grpo_worker(args.worker[0], args.device, args.repeats)
     if args.worker:
         return worker(*args.worker, args.rows, args.tokens, args.device, args.repeats)
+    if args.toy_sft:
+        return toy_sft_ab(args.toy_sft, args.toy_sft_steps)
     if args.toy:
         rows = toy_grpo_steps(args.toy, args.toy_steps)[1:]
         mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("dt", "rollout_s", "len", "turns")}
