@@ -856,12 +856,12 @@ def final_hidden_states(policy, batch):
     """Run the language model (with the vision tower) up to the final norm: (B, L, H).
 
     The rows' shared prefix (shared_prefix_length) runs once, as one row, and every row's rest
-    attends to its keys and values: the same states, without computing the system prompt B times
-    (a toy SFT step's rows are 2/3 system prompt). Its gradient is the sum over the rows, as autograd
-    sums over the repeat. Without a prefix, no attention mask: collate pads on the right, and under
-    causal attention a real token never sees the padding after it, so only the pads' own (unused)
-    states change; SDPA then takes its is_causal path (a fifth less time per toy SFT step;
-    FlashAttention on a GPU). Positions come from collate's padding-aware position_ids."""
+    attends to its keys and values: the same states, without computing the system prompt B times.
+    Its gradient is the sum over the rows: autograd sums over the repeat.
+    No attention mask: collate pads on the right, and under causal attention a real token never
+    sees the padding after it, so only the pads' own (unused) states change; without a prefix SDPA
+    then takes its is_causal path (a fifth less time per toy SFT step; FlashAttention on a GPU).
+    Positions come from collate's padding-aware position_ids."""
     from transformers import DynamicCache
 
     lm, P = policy.model.model, shared_prefix_length(batch)
