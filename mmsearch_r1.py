@@ -688,6 +688,7 @@ def collate(policy, trajs):
 CHUNK_TOKENS = 512        # tokens per chunk: fewer, larger chunks mean fewer passes over W and dW ...
 LOGIT_BUDGET = 1 << 25    # ... but at most this many floats of logits per chunk (128 MB in fp32)
 W_BLOCK = 4096            # vocabulary rows of a bf16/fp16 chunk's ∂W product held at once (bounds its temporaries)
+FULL = (torch.float32, torch.float64)  # other dtypes (bf16, fp16) keep a low-precision copy of each chunk, so half the chunk
 BLOCKED = -1e30           # logit of an id outside vocab_mask: exp() is exactly 0, and 0 * BLOCKED stays finite
 
 
@@ -808,14 +809,15 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, wi
     hidden (N, H), weight (V, H), targets (N,) -> log-probs (N,) in float32 (float64 for float64
     inputs), and the entropy (N,) of each row's distribution when `with_entropy`. Differentiable
     in hidden and weight (tied embeddings too). chunk_size: tokens per chunk (default
-    CHUNK_TOKENS, fewer when LOGIT_BUDGET says so). vocab_mask (V,) bool: the softmax runs over these ids
+    CHUNK_TOKENS, fewer when LOGIT_BUDGET says so, half that for bf16/fp16). vocab_mask (V,) bool: the softmax runs over these ids
     only (the policy's sampling distribution, Policy.sample_mask); targets must lie inside it."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: want hidden (N, H) and weight (V, H), got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"token_logprobs: targets {tuple(targets.shape)} must be ({hidden.shape[0]},)")
-    chunk_size = chunk_size or max(1, min(CHUNK_TOKENS, LOGIT_BUDGET // weight.shape[0]))
+    if not chunk_size:   # bf16/fp16 chunks hold their logits twice (fp32 and the inputs' dtype): half the tokens
+        chunk_size = max(1, min(CHUNK_TOKENS, LOGIT_BUDGET // weight.shape[0]) // (1 if hidden.dtype in FULL else 2))
     blocked = None
     if vocab_mask is not None:
         if vocab_mask.shape != weight.shape[:1]:
