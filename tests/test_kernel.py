@@ -64,6 +64,7 @@ def test_bf16_within_tolerance(w_block, monkeypatch):
     ref, _ = naive(h, w, y)
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, ref, atol=2e-2, rtol=0)
+    torch.testing.assert_close(token_logprobs(h, w, y), ref, atol=2e-2, rtol=0)   # the default (half) chunk
     for a, b in zip(grads(ours, h, w), grads(ref, h, w)):
         assert a.dtype == torch.bfloat16
         assert (a.float() - b.float()).norm() / b.float().norm() < 2e-2

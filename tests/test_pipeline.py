@@ -40,6 +40,12 @@ def test_main_command_fast_variant(tmp_path):
     assert [r["checkpoint"] for r in probed][-1] == "final" and len(probed) >= 2
     assert all(r["year_digits"] == 4 * len(expert) and r["url_digits"] >= 3 * len(expert) for r in probed)
     assert all(0 < r["url_p"] < 1 and 0 < r["year_p"] < 1 for r in probed)
+    # ... and the kind check after every image search of the hard SFT trajectories
+    hard = {t["id"] for t in map(json.loads, (out / "world" / "train.jsonl").read_text().splitlines()) if t["type"] == "hard"}
+    searches = sum('"name": "image_search"' in m["content"] for r in map(json.loads, (out / "world" / "sft.jsonl")
+                   .read_text().splitlines()) if r["id"] in hard for m in r["messages"] if m["role"] == "assistant")
+    assert all(r["kinds"] == r["matches"] + r["misses"] == searches > 0 and r["matches"] and r["misses"] for r in probed)
+    assert all(0 < r[k] < 1 for r in probed for k in ("kind_p", "read_on_match_p", "go_on_after_miss_p"))
     assert copy_probe.main([str(out / "sft"), str(out / "world")]) == []   # done: skipped
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "] done" not in again.stdout          # every stage skipped

@@ -11,7 +11,12 @@ SFT trajectory shows: those all read renumbered copies, prepare.py --renumber) a
 the model teacher-forced, and it prints the mean probability the model gives each digit it writes
 in a visited url and in the year it quotes from the page (about 0.1 is a guess among ten digits;
 the answer's digits, which repeat the quote a few tokens back, are not counted). In our runs the copy
-forms as a jump within a few hundred steps, the year before the id (README, lab notes). run.py
+forms as a jump within a few hundred steps, the year before the id (README, lab notes).
+On the hard questions' SFT trajectories it also scores the kind check: after each image search
+the think copies the top hit's kind ("The top result is a gate") and the next token decides,
+"." to read that page (the asked kind) or "," to try another corner; it prints the mean
+probability of the kind copied and of the decision, apart for a match and a miss (a model that
+does not compare the kinds gives both about the same). run.py
 keeps one checkpoint; for a curve, train with `train_sft.py --save-every 250 --keep-last 20`.
 Appends one JSON line per checkpoint to copy_probe.jsonl in the run folder (re-running skips
 those done).
@@ -29,26 +34,56 @@ import mmsearch_r1 as core  # noqa: E402
 
 URL_DIGIT = re.compile(r"page/\d*$")           # the text before a digit of a visited page's id
 YEAR_DIGIT = re.compile(r"completed in \d*$")  # ... before a digit of the year quoted from the page
+HIT_KIND = re.compile(r"<think>The top result is a$")      # before the kind copied from the hit
+DECISION = re.compile(r"<think>The top result is a \w+$")  # before "." (read it) or "," (another corner)
 
 
-def copy_probabilities(policy, records, root, batch=16):
-    """(url digit probabilities, quoted year digit probabilities) of the written digits, teacher-forced."""
-    url, year = [], []
+def written_probabilities(policy, records, root, batch=16):
+    """Each record's written tokens, teacher-forced: [(text before the token, token, its probability)]."""
+    out = []
     trajs = [core.trajectory_from_record(policy, r, root) for r in records]
     for i in range(0, len(trajs), batch):
         chunk = trajs[i:i + batch]
         with torch.no_grad():
             logp, _ = core.sequence_logprobs(policy, core.collate(policy, chunk))
         for b, traj in enumerate(chunk):
-            text = ""
+            text, tokens = "", []
             for j, token in enumerate(traj.input_ids):
                 piece = policy.tokenizer.decode([token])
-                if traj.loss_mask[j] and piece.isdigit():
-                    which = url if URL_DIGIT.search(text) else year if YEAR_DIGIT.search(text) else None
-                    if which is not None:
-                        which.append(float(logp[b, j].exp()))
+                if traj.loss_mask[j]:
+                    tokens.append((text, piece, float(logp[b, j].exp())))
                 text += piece
+            out.append(tokens)
+    return out
+
+
+def copy_probabilities(policy, records, root):
+    """(url digit probabilities, quoted year digit probabilities) of the written digits, teacher-forced."""
+    url, year = [], []
+    for tokens in written_probabilities(policy, records, root):
+        for text, piece, p in tokens:
+            if piece.isdigit():
+                which = url if URL_DIGIT.search(text) else year if YEAR_DIGIT.search(text) else None
+                if which is not None:
+                    which.append(p)
     return url, year
+
+
+def kind_check(policy, records, root):
+    """On hard trajectories: the probabilities of the hit's kind copied, and of the decision after
+    it on a match ("." read it) and on a miss ("," another corner)."""
+    kind, match, miss = [], [], []
+    for tokens in written_probabilities(policy, records, root):
+        for text, piece, p in tokens:
+            if HIT_KIND.search(text):
+                kind.append(p)
+            elif DECISION.search(text):
+                (match if piece.startswith(".") else miss).append(p)
+    return kind, match, miss
+
+
+def mean(xs):
+    return sum(xs) / max(1, len(xs))
 
 
 def main(argv=None):
@@ -61,6 +96,8 @@ def main(argv=None):
     records = core.load_jsonl(expert) if expert.exists() else []
     if not records:
         raise SystemExit(f"copy_probe: no trajectories in {expert} (a world without hard questions?): nothing to score")
+    hard_ids = {t["id"] for t in core.load_jsonl(world / "train.jsonl") if t["type"] == "hard"}
+    hard = [r for r in core.load_jsonl(world / "sft.jsonl") if r["id"] in hard_ids]
     checkpoints = [c for c in sorted(run.glob("step_*")) + [run / "final"] if (c / "config.json").exists()]
     if not checkpoints:
         raise SystemExit(f"copy_probe: no checkpoints in {run} (step_*/ or final/ with a config.json)")
@@ -70,11 +107,16 @@ def main(argv=None):
     for ckpt in checkpoints:
         if ckpt.name in done:
             continue
-        url, year = copy_probabilities(core.load_policy(ckpt), records, world)
-        row = {"checkpoint": ckpt.name, "url_p": sum(url) / max(1, len(url)), "url_digits": len(url),
-               "year_p": sum(year) / max(1, len(year)), "year_digits": len(year)}
+        policy = core.load_policy(ckpt)
+        url, year = copy_probabilities(policy, records, world)
+        kind, match, miss = kind_check(policy, hard, world)
+        row = {"checkpoint": ckpt.name, "url_p": mean(url), "url_digits": len(url), "year_p": mean(year),
+               "year_digits": len(year), "kind_p": mean(kind), "kinds": len(kind), "read_on_match_p": mean(match),
+               "matches": len(match), "go_on_after_miss_p": mean(miss), "misses": len(miss)}
         print(f"{ckpt.name}: url digits p {row['url_p']:.3f} (of {len(url)}), quoted year digits p "
-              f"{row['year_p']:.3f} (of {len(year)})", flush=True)
+              f"{row['year_p']:.3f} (of {len(year)}); hard: the hit's kind p {row['kind_p']:.3f} (of {len(kind)}), "
+              f"read it on a match p {row['read_on_match_p']:.3f} (of {len(match)}), another corner after a miss p "
+              f"{row['go_on_after_miss_p']:.3f} (of {len(miss)})", flush=True)
         with open(out, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)
