@@ -124,3 +124,14 @@ def test_unknown_question_type_is_a_clear_error(tmp_path):
         prepare_module().main(["--mix", "visual:0.5,riddle:0.5", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="type:share pairs"):
         prepare_module().main(["--mix", "visual", "--out", str(tmp_path)])
+
+
+def test_right_first_crops_the_asked_corner_first(tmp_path):
+    """--right-first 1: every hard oracle trajectory starts at the asked corner, so none recovers."""
+    flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "hard:1", "--redated", "0"]
+    stats = prepare_module().main(["--out", str(tmp_path), *flags, "--right-first", "1"])
+    assert stats["recovered"] == 0 and stats["oracle"]["hard"][0] > 0
+    tasks = {t["id"]: t for t in core.load_jsonl(tmp_path / "train.jsonl")}
+    for r in core.load_jsonl(tmp_path / "sft.jsonl"):
+        first = next(m["content"] for m in r["messages"] if m["role"] == "assistant")
+        assert f"the image's {tasks[r['id']]['corner']} corner" in first

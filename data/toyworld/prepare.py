@@ -321,6 +321,8 @@ def main(argv=None):
                     "copied from the search results, as no landmark keeps one id a model could learn")
     ap.add_argument("--typos", type=float, default=0.3, help="share of two-hop oracle trajectories whose first "
                     "text search misspells the name, finds nothing and is revised")
+    ap.add_argument("--right-first", type=float, default=0.0, help="share of hard oracle trajectories that crop the "
+                    "asked corner first (the rest: the corners in a random order, as all are by default)")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -441,6 +443,8 @@ def main(argv=None):
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
+            if args.right_first and rng.random() < args.right_first:   # a cold start that mostly looks in the right place
+                order = [task["corner"]] + [c for c in order if c != task["corner"]]
             experts[task["id"], None] = oracle(real, order=(task["corner"],))
         typo = task["type"] == "twohop" and typo_rng.random() < args.typos
         searched = task["type"] != "visual" and not task["direct"]
