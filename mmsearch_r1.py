@@ -688,7 +688,6 @@ def collate(policy, trajs):
 CHUNK_TOKENS = 512        # tokens per chunk: fewer, larger chunks mean fewer passes over W and dW ...
 LOGIT_BUDGET = 1 << 25    # ... but at most this many floats of logits per chunk (128 MB in fp32)
 W_BLOCK = 4096            # vocabulary rows of a bf16/fp16 chunk's ∂W product held at once (bounds its temporaries)
-FULL = (torch.float32, torch.float64)  # other dtypes (bf16, fp16) keep a low-precision copy of each chunk, so half the chunk
 BLOCKED = -1e30           # logit of an id outside vocab_mask: exp() is exactly 0, and 0 * BLOCKED stays finite
 
 
@@ -817,7 +816,8 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, wi
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"token_logprobs: targets {tuple(targets.shape)} must be ({hidden.shape[0]},)")
     if not chunk_size:   # bf16/fp16 chunks hold their logits twice (fp32 and the inputs' dtype): half the tokens
-        chunk_size = max(1, min(CHUNK_TOKENS, LOGIT_BUDGET // weight.shape[0]) // (1 if hidden.dtype in FULL else 2))
+        low = hidden.dtype in (torch.bfloat16, torch.float16)
+        chunk_size = max(1, min(CHUNK_TOKENS, LOGIT_BUDGET // weight.shape[0]) // (2 if low else 1))
     blocked = None
     if vocab_mask is not None:
         if vocab_mask.shape != weight.shape[:1]:
