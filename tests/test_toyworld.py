@@ -135,3 +135,24 @@ def test_right_first_crops_the_asked_corner_first(tmp_path):
     for r in core.load_jsonl(tmp_path / "sft.jsonl"):
         first = next(m["content"] for m in r["messages"] if m["role"] == "assistant")
         assert f"the image's {tasks[r['id']]['corner']} corner" in first
+
+
+def test_kind_tag_names_the_kind_where_the_think_copies_it(tmp_path):
+    """--kind-tag: every snippet says "(category <kind>)", and every hard trajectory's kind checks
+    copy the hit's kind from there: "category <asked>. As asked:" before the visit, "category
+    <other>, not as asked." before another corner."""
+    flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "hard:1", "--redated", "0"]
+    prepare_module().main(["--out", str(tmp_path), *flags, "--kind-tag"])
+    kinds = {h["title"]: h["snippet"] for h in core.load_jsonl(tmp_path / "images.jsonl")}
+    assert all(f"(category {t.split()[-1].lower()})" in s for t, s in kinds.items())
+    tasks = {t["id"]: t for t in core.load_jsonl(tmp_path / "train.jsonl")}
+    misses = 0
+    for r in core.load_jsonl(tmp_path / "sft.jsonl"):
+        asked = tasks[r["id"]]["question"].split(" the ")[1].split()[0]
+        thinks = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        assert f"The top result is category {asked}. As asked: I will read it." in thinks[-2]
+        for t in thinks[1:-2]:
+            if "The top result is category" in t:
+                assert ", not as asked. I will try the image's" in t and f"category {asked}," not in t
+                misses += 1
+    assert misses > 0

@@ -241,7 +241,7 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, kind_tag=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -253,7 +253,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
     The oracle sees what the tools will return: box(corner) is a corner's box in the policy's
     convention, see(corner or None) the image search's results on that crop (or the whole image),
     find(query) the text search's; by_url maps a url to its landmark as the pages read tell it
-    (their year: a re-dated copy's own)."""
+    (their year: a re-dated copy's own). `kind_tag`: the hard path's thinks copy the hit's kind
+    from the snippet's "(category gate)" and decide on the next token (see --kind-tag)."""
     call = core.format_tool_call
     e = entities[task["entity"]]
     kind = e["kind"]
@@ -271,8 +272,10 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
             found = by_url[hits[0]["url"]]["kind"]
             if found == kind or n == len(order):   # no corner left: the answer will be wrong and dropped
                 break
-            think = f"The top result is a {found}, not a {kind}. I will try the image's {order[n]} corner."
-        turns.append(f"<think>The top result is a {kind}. I will read it.</think>\n"
+            think = (f"The top result is category {found}, not as asked." if kind_tag else
+                     f"The top result is a {found}, not a {kind}.") + f" I will try the image's {order[n]} corner."
+        seen = f"category {kind}. As asked:" if kind_tag else f"a {kind}."
+        turns.append(f"<think>The top result is {seen} I will read it.</think>\n"
                      + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
     else:
         if task["type"] == "crop":
@@ -323,6 +326,9 @@ def main(argv=None):
                     "text search misspells the name, finds nothing and is revised")
     ap.add_argument("--right-first", type=float, default=0.0, help="share of hard oracle trajectories that crop the "
                     "asked corner first (the rest: the corners in a random order, as all are by default)")
+    ap.add_argument("--kind-tag", action="store_true", help="the image index's snippets name the kind after a word "
+                    "nothing else uses ('Tasvor Gate (category gate) in Rengelville.') and the hard path's thinks "
+                    "copy it from there, the decision on the next token: a kind a tiny model can copy (README)")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -356,7 +362,8 @@ def main(argv=None):
         corpus.append({"id": str(i), "title": e["title"], "url": URL.format(page=e["page"]),
                        "text": page_text(e, rng, entities[:i] + entities[i + 1:], entities[e["twin"]] if "twin" in e else None)})
         index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(page=e["page"]),
-                      "snippet": f"{e['title']}, a {e['kind']} in {e['city']}."})
+                      "snippet": f"{e['title']} (category {e['kind']}) in {e['city']}." if args.kind_tag
+                      else f"{e['title']}, a {e['kind']} in {e['city']}."})
     write_jsonl(out / "corpus.jsonl", corpus)
 
     ids = [e["page"] for e in entities]
@@ -439,7 +446,7 @@ def main(argv=None):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo)
+                                order, typo, args.kind_tag)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
