@@ -22,6 +22,7 @@ Usage:
     logp, _ = sequence_logprobs(policy, batch)                 # (B, L), 0 where loss_mask is 0
 """
 import functools
+import inspect
 import json
 import time
 import types
@@ -839,6 +840,18 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, wi
 SHARED_PREFIX_SAVING = 0.25   # share a prefix only when that saves this share of the batch's tokens
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class):
+    """The keyword a model's forward takes its KV cache by: `cache` in newer transformers (5.24
+    warns that `past_key_values` goes in 5.40), `past_key_values` in older ones (5.18)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def lm_forward(lm, cache, **inputs):
+    """The language model's forward (policy.model.model) with `cache` (a Cache or None)."""
+    return lm(**inputs, **{_cache_keyword(type(lm)): cache})
+
+
 def shared_prefix_length(batch):
     """Leading columns that are the same text in every row: same tokens, same positions, no image
     (in the agent's chat format: the system prompt). 0 unless running them once instead of per row
@@ -870,13 +883,13 @@ def final_hidden_states(policy, batch):
     cache, prefix = None, None
     if P:
         cache = DynamicCache()
-        prefix = lm(input_ids=batch["input_ids"][:1, :P], position_ids=batch["position_ids"][:, :1, :P],
-                    past_key_values=cache, use_cache=True).last_hidden_state
+        prefix = lm_forward(lm, cache, input_ids=batch["input_ids"][:1, :P],
+                            position_ids=batch["position_ids"][:, :1, :P], use_cache=True).last_hidden_state
         cache.batch_repeat_interleave(batch["input_ids"].shape[0])
-    out = lm(input_ids=batch["input_ids"][:, P:], attention_mask=None,
-             position_ids=batch["position_ids"][:, :, P:], pixel_values=batch["pixel_values"],
-             image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"][:, P:],
-             past_key_values=cache, use_cache=P > 0)
+    out = lm_forward(lm, cache, input_ids=batch["input_ids"][:, P:], attention_mask=None,
+                     position_ids=batch["position_ids"][:, :, P:], pixel_values=batch["pixel_values"],
+                     image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"][:, P:],
+                     use_cache=P > 0)
     if not P:
         return out.last_hidden_state
     return torch.cat([prefix.expand(out.last_hidden_state.shape[0], -1, -1), out.last_hidden_state], dim=1)
@@ -1093,9 +1106,9 @@ def prefill(policy, rows, temperature):
         r.stats["prefill_tokens"] += len(seg)
     dev = policy.device
     batch.mask = torch.cat([batch.mask, seg_mask.to(dev)], dim=1)
-    out = policy.model.model(
-        input_ids=ids.to(dev), attention_mask=batch.mask, position_ids=positions.to(dev),
-        past_key_values=batch.cache, use_cache=True,
+    out = lm_forward(
+        policy.model.model, batch.cache, input_ids=ids.to(dev), attention_mask=batch.mask,
+        position_ids=positions.to(dev), use_cache=True,
         pixel_values=torch.cat(pixels).to(dev) if pixels else None,
         image_grid_thw=torch.stack(grids).to(dev) if grids else None)
     hidden = out.last_hidden_state                                       # (B, n, H)
@@ -1121,8 +1134,8 @@ def decode_one_token(policy, batch, tokens):
     batch.mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
     pos = torch.tensor([r.next_pos for r in batch.rows], device=dev).view(1, -1, 1).expand(3, -1, 1)
     mask = None if batch.mask.all() else batch.mask   # no padding: no mask to build, SDPA's unmasked path
-    out = policy.model.model(input_ids=tokens.view(-1, 1).to(dev), attention_mask=mask,
-                             position_ids=pos, past_key_values=batch.cache, use_cache=True)
+    out = lm_forward(policy.model.model, batch.cache, input_ids=tokens.view(-1, 1).to(dev), attention_mask=mask,
+                     position_ids=pos, use_cache=True)
     for r in batch.rows:
         r.next_pos += 1
     return _lm_head(policy, out.last_hidden_state[:, -1])
