@@ -126,10 +126,12 @@ def test_unknown_question_type_is_a_clear_error(tmp_path):
         prepare_module().main(["--mix", "visual", "--out", str(tmp_path)])
 
 
+HARD_ONLY = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "hard:1", "--redated", "0"]   # a small hard world
+
+
 def test_right_first_crops_the_asked_corner_first(tmp_path):
     """--right-first 1: every hard oracle trajectory starts at the asked corner, so none recovers."""
-    flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "hard:1", "--redated", "0"]
-    stats = prepare_module().main(["--out", str(tmp_path), *flags, "--right-first", "1"])
+    stats = prepare_module().main(["--out", str(tmp_path), *HARD_ONLY, "--right-first", "1"])
     assert stats["recovered"] == 0 and stats["oracle"]["hard"][0] > 0
     tasks = {t["id"]: t for t in core.load_jsonl(tmp_path / "train.jsonl")}
     for r in core.load_jsonl(tmp_path / "sft.jsonl"):
@@ -141,8 +143,7 @@ def test_kind_tag_names_the_kind_where_the_think_copies_it(tmp_path):
     """--kind-tag: every snippet says "(category <kind>)", and every hard trajectory's kind checks
     copy the hit's kind from there: "category <asked>. As asked:" before the visit, "category
     <other>, not as asked." before another corner."""
-    flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "hard:1", "--redated", "0"]
-    prepare_module().main(["--out", str(tmp_path), *flags, "--kind-tag"])
+    prepare_module().main(["--out", str(tmp_path), *HARD_ONLY, "--kind-tag"])
     kinds = {h["title"]: h["snippet"] for h in core.load_jsonl(tmp_path / "images.jsonl")}
     assert all(f"(category {t.split()[-1].lower()})" in s for t, s in kinds.items())
     tasks = {t["id"]: t for t in core.load_jsonl(tmp_path / "train.jsonl")}
