@@ -58,10 +58,10 @@ def scripted_sampler(script):
 
 def reencode_every_turn(run_turn):
     """The baseline: forget every row's cache before each turn, so the whole context is re-run."""
-    def wrapped(policy, rows, limits, generator):
+    def wrapped(policy, rows, *args):
         for r in rows:
             r.kv, r.n_cached, r.n_images_cached, r.next_pos = None, 0, 0, 0
-        return run_turn(policy, rows, limits, generator)
+        return run_turn(policy, rows, *args)
     return wrapped
 
 
