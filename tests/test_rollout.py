@@ -170,3 +170,25 @@ def test_roomy_cache_layer_equals_concatenation():
     k, v = layer.update(new, -new)
     want = torch.cat([want[1:, :, 3:], new], dim=2)
     assert torch.equal(k, want) and torch.equal(v, -want)
+
+
+def test_cache_reuse_equals_reencoding_every_turn(policy, monkeypatch):
+    """Each turn prefills only the new segment onto the rows' caches; forgetting the caches before
+    every turn (tests/bench_rollout.py's baseline, so the benchmark keeps running) re-runs the
+    whole context and must give the same tokens and log-probs."""
+    import bench_rollout
+    tasks = [task(0), task(1, (64, 150), "Which city is this tower in? " * 3)]
+    kw = dict(temperature=0, max_new_tokens=16, forced=script(CROP0, SEARCH), progress=False)
+    class Empty:
+        name = "empty"
+
+        def search(self, q, k):
+            return []
+    box = tools.Toolbox(crop_settings=tools.CropSettings(upscale_to=28), text_search=Empty())
+    reused = core.rollout(policy, tasks, box, **kw)
+    monkeypatch.setattr(core, "run_turn", bench_rollout.reencode_every_turn(core.run_turn))
+    again = core.rollout(policy, tasks, box, **kw)
+    for a, b in zip(reused, again):
+        assert a.turns == b.turns == 3 and a.input_ids == b.input_ids and a.tool_calls[1]["ok"]
+        assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+        assert b.meta["stats"]["prefill_tokens"] > a.meta["stats"]["prefill_tokens"]   # it did re-encode
