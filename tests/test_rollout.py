@@ -179,6 +179,7 @@ def test_cache_reuse_equals_reencoding_every_turn(policy, monkeypatch):
     import bench_rollout
     tasks = [task(0), task(1, (64, 150), "Which city is this tower in? " * 3)]
     kw = dict(temperature=0, max_new_tokens=16, forced=script(CROP0, SEARCH), progress=False)
+
     class Empty:
         name = "empty"
 
