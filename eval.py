@@ -233,6 +233,11 @@ def main(argv=None):
     policy = core.load_policy(args.model, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels,
                               max_pixels=args.max_pixels, crop_max_pixels=args.crop_max_pixels)
     sampling = sampling_settings(args, policy)
+    try:
+        core.check_sampling(**sampling)
+    except ValueError as e:
+        raise SystemExit(f"eval: {e} (flags --temperature / --top-p / --top-k, else the checkpoint's "
+                         "generation_config.json)") from None
     if args.n > 1 and sampling["temperature"] == 0:
         raise SystemExit(f"eval: --n {args.n} at temperature 0 gives {args.n} identical samples (pass@n == avg@n); "
                          "pass --temperature, e.g. 0.7")

@@ -1041,6 +1041,13 @@ def repeats_itself(tokens, max_n=16, min_repeats=4, min_span=48):
     return False
 
 
+def check_sampling(temperature, top_p, top_k):
+    """ValueError unless temperature >= 0, 0 < top_p <= 1 and top_k >= 0 (what `sample` can use)."""
+    if not (temperature >= 0 and 0 < top_p <= 1 and top_k >= 0):
+        raise ValueError(f"sampling: temperature {temperature} (0 = greedy, else > 0), top_p {top_p} "
+                         f"(in (0, 1]), top_k {top_k} (0 = off, else > 0): one of them is out of range")
+
+
 def sample(logits, temperature, top_p, generator, mask=None, top_k=0):
     """Sample one token per row from (B, V) logits, only among the ids where `mask` (V,) is True.
     Returns tokens (B,) and their float32 log-probs under the temperature-scaled distribution
@@ -1213,6 +1220,7 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
     per-token sampling log-probs and meta["stats"], meta["over_turn"]."""
     from tqdm.auto import tqdm
 
+    check_sampling(temperature, top_p, top_k)
     limits = dict(max_new_tokens=max_new_tokens, max_context=max_context, temperature=temperature, top_p=top_p,
                   top_k=top_k)
     generator = torch.Generator(device=policy.device).manual_seed(seed)

@@ -407,7 +407,17 @@ class LocalImageSearch:
         if not self.index.exists():
             raise FileNotFoundError(f"LocalImageSearch: no image index at {str(self.index)!r} (JSONL of "
                                     "image, title, url, snippet); build one with data/toyworld/prepare.py")
-        self.entries = [json.loads(line) for line in self.index.read_text().splitlines() if line.strip()]
+        self.entries = []
+        for n, line in enumerate(self.index.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    entry = None
+                if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+                    raise ValueError(f"{self.index}:{n}: want a JSON object with at least 'image' "
+                                     "(a path relative to the index)")
+                self.entries.append(entry)
         self.embed = self._embedder(embed_model) if embed_model else image_descriptor
         stat = self.index.stat()
         self.name = f"local:{self.index.resolve()}:{stat.st_size}-{stat.st_mtime_ns}" + (f":{embed_model}" if embed_model else "")
@@ -423,8 +433,11 @@ class LocalImageSearch:
             root = self.index.parent
             vecs = []
             for e in self.entries:
-                with Image.open(root / e["image"]) as im:
-                    vecs.append(self.embed(im))
+                try:
+                    with Image.open(root / e["image"]) as im:
+                        vecs.append(self.embed(im))
+                except OSError as err:   # missing or not an image
+                    raise ValueError(f"{self.index}: cannot read the image of entry {e['image']!r}: {err}") from None
             self.vectors = np.stack(vecs) if vecs else np.zeros((0, 1), np.float32)
             np.save(cache, self.vectors)
 
@@ -1232,13 +1245,21 @@ def toolbox_from_args(args, convention, shown_size):
     if args.backend == "local":
         if not args.corpus:
             raise SystemExit("--backend local needs --corpus (JSONL of id, title, url, text)")
-        text = LocalTextSearch(args.corpus)
-        image = LocalImageSearch(args.image_index, args.embed_model) if args.image_index else None
+        try:
+            text = LocalTextSearch(args.corpus)
+            image = LocalImageSearch(args.image_index, args.embed_model) if args.image_index else None
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--corpus / --image-index: {e}") from None
         pages = text
     else:
         cls = {"serper": SerperSearch, "serpapi": SerpAPISearch, "searxng": SearxngSearch}[args.backend]
         text = image = cls(base_url=args.search_url, image_host=host)
         pages = WebPages(allow_private=args.allow_private_urls)
+        if not args.cache_only:   # every search would fail: say so now, not in each tool observation
+            try:
+                text._need_key()
+            except ToolError as e:
+                raise SystemExit(f"--backend {args.backend}: {e} (or replay cached results with --cache-only)") from None
     try:
         grounder = Grounder(args.grounding_model, args.grounding_threshold) if args.grounding_model else None
         summarizer = SummarizerEndpoint(args.visit_summarizer, args.visit_summarizer_model or "") \

@@ -224,6 +224,8 @@ def parse_args(argv=None):
         ap.error("--group-size must be at least 2: advantages compare samples of the same task")
     if args.lr <= 0 or args.tasks_per_step < 1 or args.ppo_epochs < 1 or args.temperature <= 0:
         ap.error("--lr, --temperature, --tasks-per-step and --ppo-epochs must be positive (GRPO samples: T > 0)")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p {args.top_p}: the nucleus mass lies in (0, 1]")
     if args.fsdp:
         ap.error("--fsdp is for train_sft.py: GRPO rolls out on every rank, which needs the whole model there; "
                  "use DDP (the default under torchrun), with --lora-rank for large models")

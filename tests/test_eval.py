@@ -1,5 +1,6 @@
 """eval.py end to end on toy tasks, resume after a kill, broken examples, the judge, the HTML report."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -288,11 +289,17 @@ def test_bad_data_lines_and_bombs_become_error_lines(world, tiny_dir, tmp_path):
     (["--dtype", "banana"], "--dtype 'banana'"),
     (["--device", "cuda"], "no CUDA device"),
     (["--n", "4"], "--n 4 at temperature 0"),
+    (["--temperature", "-1"], "temperature -1.0 (0 = greedy"),
+    (["--top-p", "0"], "top_p 0.0 (in (0, 1])"),
+    (["--top-k", "-2"], "top_k -2 (0 = off"),
+    (["--corpus", "/no/such/corpus.jsonl"], "--corpus / --image-index: LocalTextSearch: no corpus at"),
+    (["--backend", "serper"], "--backend serper: serper search is not configured: set SERPER_API_KEY"),
 ])
 def test_bad_flags_say_what_to_do(world, tiny_dir, tmp_path, extra, message, monkeypatch):
     monkeypatch.delenv("JUDGE_BASE_URL", raising=False)
     monkeypatch.delenv("JUDGE_MODEL", raising=False)
-    with pytest.raises(SystemExit, match=message.replace("(", r"\(")):
+    monkeypatch.delenv("SERPER_API_KEY", raising=False)
+    with pytest.raises(SystemExit, match=re.escape(message)):
         ev.main(args(world, tiny_dir, tmp_path / "run") + extra)
 
 

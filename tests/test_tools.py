@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import re
 import socket
 import threading
 import time
@@ -661,6 +662,29 @@ def test_visit_chars_flag_keeps_the_passage_for_the_goal(tmp_path):
                                          '"goal": "when was it completed"}}</tool_call>')
         text = box.run(calls, [], errors).responses[0][0]["text"]
         assert "completed in 1672" in text and len(text.split("\n\n")) - 1 == kept, text
+
+
+def test_bad_tool_data_and_missing_keys_stop_with_a_message(tmp_path, monkeypatch):
+    ap = argparse.ArgumentParser()
+    tools.add_tool_arguments(ap)
+    corpus = str(write_jsonl(tmp_path / "corpus.jsonl", [{"id": "1", "title": "t", "url": "http://local/1", "text": "x"}]))
+    grid_image().save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not a png")
+    cases = [("garbage.jsonl", "{\"image\": \"a.png\"}\nnot json\n", "garbage.jsonl:2: want a JSON object with at least 'image'"),
+             ("noimage.jsonl", '{"title": "x"}\n', "noimage.jsonl:1: want a JSON object"),
+             ("missing.jsonl", '{"image": "nope.png"}\n', "cannot read the image of entry 'nope.png'"),
+             ("broken.jsonl", '{"image": "b.png"}\n', "cannot read the image of entry 'b.png'")]
+    for name, text, message in cases:
+        (tmp_path / name).write_text(text)
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            tools.toolbox_from_args(ap.parse_args(["--corpus", corpus, "--image-index", str(tmp_path / name),
+                                                   "--cache", ""]), "abs", None)
+    monkeypatch.delenv("SERPAPI_API_KEY", raising=False)
+    with pytest.raises(SystemExit, match="set SERPAPI_API_KEY .*--cache-only"):
+        tools.toolbox_from_args(ap.parse_args(["--backend", "serpapi", "--cache", ""]), "abs", None)
+    cache = str(tmp_path / "cache.sqlite")   # replaying a cache needs no key
+    Cache(cache)
+    tools.toolbox_from_args(ap.parse_args(["--backend", "serpapi", "--cache", cache, "--cache-only"]), "abs", None)
 
 
 def test_crop_upscale_flag_sets_the_size_the_model_sees(tmp_path):
