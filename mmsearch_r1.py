@@ -2119,6 +2119,15 @@ def load_jsonl(path):
     return rows
 
 
+def read_data(path, who):
+    """load_jsonl for the command-line scripts: a file that cannot be read stops the run with one
+    line, `who: <file>:<line>: <problem>`, instead of a traceback."""
+    try:
+        return load_jsonl(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{who}: {e}") from None
+
+
 def check_trajectory_record(record):
     """The problem with a trajectory record (messages JSONL, DESIGN.md), or None when it is usable
     as SFT data: known roles, well-formed content, every tool turn answering an assistant turn that

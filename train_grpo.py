@@ -222,8 +222,9 @@ def parse_args(argv=None):
         ap.error(f"--out {args.out} is a file; give a folder")
     if args.group_size < 2:
         ap.error("--group-size must be at least 2: advantages compare samples of the same task")
-    if args.lr <= 0 or args.tasks_per_step < 1 or args.ppo_epochs < 1 or args.temperature <= 0:
-        ap.error("--lr, --temperature, --tasks-per-step and --ppo-epochs must be positive (GRPO samples: T > 0)")
+    if args.lr <= 0 or args.tasks_per_step < 1 or args.ppo_epochs < 1 or args.temperature <= 0 or args.max_turns < 1:
+        ap.error("--lr, --temperature, --tasks-per-step, --ppo-epochs and --max-turns must be positive "
+                 "(GRPO samples: T > 0)")
     if not 0 < args.top_p <= 1:
         ap.error(f"--top-p {args.top_p}: the nucleus mass lies in (0, 1]")
     if args.fsdp:
@@ -337,7 +338,7 @@ def read_tasks(path, allow_no_image=False):
     """Task JSONL read as eval.py reads benchmarks (`core.task_from_record`); a bad record stops
     the run before training, naming its line."""
     tasks = []
-    for row in core.load_jsonl(path):
+    for row in core.read_data(path, "train_grpo"):
         try:
             tasks.append(core.task_from_record(row, row["_root"], allow_no_image=allow_no_image,
                                                default_id=str(row["_line"])))
@@ -390,7 +391,7 @@ def main(argv=None):
     endpoint = core.JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key) if args.metric == "judge" else None
     experts = {}
     if args.expert_data:
-        for record in core.load_jsonl(args.expert_data):
+        for record in core.read_data(args.expert_data, "train_grpo"):
             if core.check_trajectory_record(record) is None:
                 experts[str(record.get("id"))] = record
     step = 0

@@ -95,8 +95,8 @@ def parse_args(argv=None):
             ap.error(f"--{name.replace('_', '-')} {getattr(args, name)}: no such file")
     if Path(args.out).is_file():
         ap.error(f"--out {args.out} is a file; give a folder")
-    if args.lr <= 0 or args.batch_tokens <= 0 or args.grad_accum <= 0 or args.lora_rank < 0:
-        ap.error("--lr, --batch-tokens and --grad-accum must be positive, --lora-rank >= 0")
+    if args.lr <= 0 or args.batch_tokens <= 0 or args.grad_accum <= 0 or args.lora_rank < 0 or args.max_turns < 1:
+        ap.error("--lr, --batch-tokens, --grad-accum and --max-turns must be positive, --lora-rank >= 0")
     args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
     if args.fsdp and (args.val_data or args.eval_tasks):
         ap.error("--fsdp runs no periodic validation (every rank holds a shard); run eval.py on a checkpoint")
@@ -144,7 +144,7 @@ def load_sft_data(path, policy, max_length, skip_bad, quiet=False, cache_mb=0):
     records, lengths, n_loss = [], [], []
     cached = 0   # bytes of the trajectories kept
     counts = {"records": 0, "bad": 0, "cut": 0, "dropped (too long)": 0, "kept": 0}
-    for record in tqdm(core.load_jsonl(path), desc=f"checking {Path(path).name}", disable=quiet):
+    for record in tqdm(core.read_data(path, "train_sft"), desc=f"checking {Path(path).name}", disable=quiet):
         counts["records"] += 1
         problem = core.check_trajectory_record(record)
         if problem is None:
@@ -273,7 +273,7 @@ def main(argv=None):
     per_epoch = math.ceil(len(micro_batches) / per_step)
     total = args.steps or max(1, round(args.epochs * per_epoch))
     val = load_sft_data(args.val_data, policy, args.max_length, True, args.quiet, args.cache_mb)[:3] if args.val_data else None
-    eval_tasks = core.load_jsonl(args.eval_tasks)[:args.eval_limit] if args.eval_tasks else None
+    eval_tasks = core.read_data(args.eval_tasks, "train_sft")[:args.eval_limit] if args.eval_tasks else None
     toolbox = tools.toolbox_from_args(args, policy.crop_convention, policy.shown_size) if eval_tasks else None
     print(f"train_sft: {counts['records']} records: {len(records)} used, {counts['bad']} bad (skipped), "
           f"{counts['cut']} cut at a turn boundary, {counts['dropped (too long)']} dropped as longer than "

@@ -207,6 +207,8 @@ def test_bad_flags(tmp_path, capsys):
     for flags, message in [(["--model", "m", "--tasks", "nope.jsonl"], "no such file"),
                            (base + ["--group-size", "1"], "at least 2"),
                            (base + ["--temperature", "0"], "T > 0"),
+                           (base + ["--max-turns", "0"], "--max-turns must be positive"),
+                           (base + ["--top-p", "1.5"], "--top-p 1.5: the nucleus mass lies in (0, 1]"),
                            (base + ["--metric", "judge"], "needs --judge-url")]:
         with pytest.raises(SystemExit):
             grpo.parse_args(flags)
@@ -220,3 +222,6 @@ def test_task_records_are_read_as_eval_reads_them(tmp_path):
         grpo.read_tasks(path)
     (task,) = grpo.read_tasks(path, allow_no_image=True)
     assert task["answers"] == ["x", "ex"] and task["image"] == []
+    path.write_text(json.dumps({"id": "t", "question": "Q?", "answer": "x"}) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=r"train_grpo: .*tasks.jsonl:2: not valid JSON"):
+        grpo.read_tasks(path, allow_no_image=True)

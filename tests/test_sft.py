@@ -213,6 +213,8 @@ def test_bad_records_stop_or_are_skipped(tiny_dir, tmp_path, capsys):
     (tmp_path / "junk.jsonl").write_text(lines[-1] + "\n")
     with pytest.raises(ValueError, match="junk.jsonl:1: a line must be a JSON object"):
         core.load_jsonl(tmp_path / "junk.jsonl")
+    with pytest.raises(SystemExit, match="train_sft: .*junk.jsonl:1: a line must be a JSON object"):
+        train_sft.main(["--model", str(tiny_dir), "--data", str(tmp_path / "junk.jsonl"), "--out", str(tmp_path / "c")])
 
 
 def test_long_records_are_cut_at_a_turn_boundary(policy, tmp_path):
@@ -244,7 +246,8 @@ def test_bad_flags(tmp_path, capsys):
     for flags, message in [([], "--model and --data are required"),
                            (["--model", "m", "--data", "missing.jsonl"], "missing.jsonl: no such file"),
                            (["--model", "m", "--data", str(tmp_path / "f"), "--out", str(tmp_path / "f")], "is a file"),
-                           (["--model", "m", "--data", str(tmp_path / "f"), "--lr", "0"], "must be positive")]:
+                           (["--model", "m", "--data", str(tmp_path / "f"), "--lr", "0"], "must be positive"),
+                           (["--model", "m", "--data", str(tmp_path / "f"), "--max-turns", "0"], "--max-turns must be positive")]:
         with pytest.raises(SystemExit):
             train_sft.parse_args(flags)
         assert message in capsys.readouterr().err
