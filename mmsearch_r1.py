@@ -289,6 +289,9 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    if hidden % heads or (hidden // heads) % 2 or heads % kv_heads:
+        raise ValueError(f"build_tiny_policy: hidden {hidden} must split into {heads} heads of an even width, "
+                         f"and {heads} heads into {kv_heads} key/value groups")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if family not in ("qwen2_5_vl", "qwen3_vl"):

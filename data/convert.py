@@ -55,6 +55,13 @@ def plain(value):
     return value
 
 
+def parse_json(text, where):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"convert: {where}: not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+
+
 def read_records(source, split, config):
     """(records, folder that relative image paths start from)."""
     path = Path(source)
@@ -68,10 +75,10 @@ def read_records(source, split, config):
                 rows = list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
             return [{k: (v if v != "" else None) for k, v in r.items()} for r in rows], path.parent
         if suffix == ".jsonl":
-            lines = path.read_text(encoding="utf-8").splitlines()
-            return [json.loads(line) for line in lines if line.strip()], path.parent
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            return [parse_json(line, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()], path.parent
         if suffix == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = parse_json(path.read_text(encoding="utf-8", errors="replace"), str(path))
             if isinstance(data, dict):   # {"data": [...]} or {id: record, ...}
                 lists = [v for v in data.values() if isinstance(v, list)]
                 data = lists[0] if len(lists) == 1 else [dict(v, id=v.get("id", k)) for k, v in data.items()

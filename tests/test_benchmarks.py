@@ -235,3 +235,9 @@ def test_convert_says_what_is_missing(tmp_path):
         convert.main([str(write(tmp_path / "x.txt", [{}])), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no record could be used"):
         convert.main([str(write(tmp_path / "x.jsonl", [{"question": "q"}])), "--out", str(tmp_path / "o")])
+    (tmp_path / "bad.jsonl").write_text('{"question": "q"}\n{"question": \n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: not valid JSON \(Expecting value"):
+        convert.main([str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "o")])
+    (tmp_path / "bad.json").write_text('{"data": [1,]}')
+    with pytest.raises(SystemExit, match=r"bad.json: not valid JSON .*line 1 column 13"):
+        convert.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")])

@@ -138,3 +138,16 @@ def test_a_world_from_an_older_prepare_is_a_clear_error(tmp_path):
     (tmp_path / "world" / "sft.jsonl").write_text("")
     with pytest.raises(SystemExit, match="older prepare.py"):
         run.main(["--out", str(tmp_path)])
+
+
+def test_bad_flags_stop_before_any_stage(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "data" / "toyworld"))
+    import run
+    (tmp_path / "file").write_text("x")
+    for flags, message in [(["--sft-steps", "-1"], "--sft-steps -1: the counts"),
+                           (["--temperature", "0"], "--temperature 0.0: the counts, learning rates and temperature"),
+                           (["--sft-min-lr-ratio", "2"], "--sft-min-lr-ratio 2.0"),
+                           (["--out", str(tmp_path / "file")], "is a file; give a folder")]:
+        with pytest.raises(SystemExit):
+            run.parse_args(flags)
+        assert message in capsys.readouterr().err

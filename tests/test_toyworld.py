@@ -124,6 +124,21 @@ def test_unknown_question_type_is_a_clear_error(tmp_path):
         prepare_module().main(["--mix", "visual:0.5,riddle:0.5", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="type:share pairs"):
         prepare_module().main(["--mix", "visual", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="shares must be 0 or more"):
+        prepare_module().main(["--mix", "visual:-1,crop:1", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--entities", "3"], "want at least 4 landmarks"),
+    (["--tasks", "0"], "and 1 task"),
+    (["--hidden", "12"], "--hidden 12: want a multiple of 8"),
+    (["--typos", "1.5"], "--typos 1.5: a share, want 0 to 1"),
+    (["--test-fraction", "0.9", "--val-fraction", "0.1"], "must stay below 1"),
+])
+def test_bad_world_flags_stop_before_any_work(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        prepare_module().main(flags + ["--out", str(tmp_path / "w")])
+    assert not (tmp_path / "w").exists()
 
 
 HARD_ONLY = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "hard:1", "--redated", "0"]   # a small hard world

@@ -341,10 +341,18 @@ def main(argv=None):
                     "(Qwen2.5-VL's 112; worlds before 2026-12-01, evening, used 56)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (the world is deterministic)")
     args = ap.parse_args(argv)
-    rng = random.Random(args.seed)
-    out = Path(args.out).resolve()   # records hold image paths: absolute, whatever the working directory
-    (out / "images").mkdir(parents=True, exist_ok=True)
-
+    shares = {"--test-fraction": args.test_fraction, "--val-fraction": args.val_fraction, "--unseen": args.unseen,
+              "--direct": args.direct, "--redated": args.redated, "--typos": args.typos, "--right-first": args.right_first}
+    for flag, value in shares.items():
+        if not 0 <= value <= 1:
+            raise SystemExit(f"{flag} {value}: a share, want 0 to 1")
+    if args.test_fraction + args.val_fraction >= 1 or args.unseen >= 1:
+        raise SystemExit("--test-fraction plus --val-fraction, and --unseen, must stay below 1: training needs tasks")
+    if args.entities < 4 or args.tasks < 1:
+        raise SystemExit(f"--entities {args.entities} / --tasks {args.tasks}: want at least 4 landmarks (a hard "
+                         "scene shows four) and 1 task")
+    if args.hidden % 8 or args.hidden < 8:
+        raise SystemExit(f"--hidden {args.hidden}: want a multiple of 8 (4 heads of an even width)")
     if not 1 <= args.views <= REDATED:
         raise SystemExit(f"--views {args.views}: want 1 to {REDATED} (the re-dated copies of the corpus)")
     try:
@@ -353,6 +361,12 @@ def main(argv=None):
         raise SystemExit(f"--mix {args.mix!r}: want type:share pairs, e.g. visual:0.2,whole:0.3,crop:0.5") from None
     if not set(mix) <= set(QUESTIONS):
         raise SystemExit(f"--mix: unknown question type(s) {sorted(set(mix) - set(QUESTIONS))}; known: {list(QUESTIONS)}")
+    if min(mix.values()) < 0 or sum(mix.values()) <= 0:
+        raise SystemExit(f"--mix {args.mix!r}: shares must be 0 or more, and not all 0")
+
+    rng = random.Random(args.seed)
+    out = Path(args.out).resolve()   # records hold image paths: absolute, whatever the working directory
+    (out / "images").mkdir(parents=True, exist_ok=True)
 
     # 1. landmarks: pictures, pages, the image index
     entities = make_entities(args.entities, rng, twins="twohop" in mix)

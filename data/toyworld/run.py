@@ -70,6 +70,14 @@ def parse_args(argv=None):
     args = ap.parse_args(joined(sys.argv[1:] if argv is None else argv))
     args.sft_steps = args.sft_steps or (60 if args.fast else 2500)
     args.grpo_steps = args.grpo_steps or (8 if args.fast else 25)
+    counts = ("sft_steps", "grpo_steps", "sft_batch_tokens", "k", "visit_chars", "crop_upscale", "train_turns", "eval_turns")
+    bad = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in counts + ("sft_lr", "grpo_lr", "temperature")
+           if getattr(args, name) <= 0]
+    if bad or not 0 <= args.sft_min_lr_ratio <= 1:
+        ap.error(", ".join(bad or [f"--sft-min-lr-ratio {args.sft_min_lr_ratio}"]) +
+                 ": the counts, learning rates and temperature must be positive, the min-lr ratio 0 to 1")
+    if Path(args.out).is_file():
+        ap.error(f"--out {args.out} is a file; give a folder")
     return args
 
 
