@@ -230,8 +230,9 @@ def main(argv=None):
     done_ids = {r["id"] for r in done}
     todo = [t for t in tasks if t["id"] not in done_ids]
     endpoint = core.JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key) if args.metric == "judge" else None
-    policy = core.load_policy(args.model, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels,
-                              max_pixels=args.max_pixels, crop_max_pixels=args.crop_max_pixels)
+    with core.stop_on_bad_input("eval"):
+        policy = core.load_policy(args.model, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels,
+                                  max_pixels=args.max_pixels, crop_max_pixels=args.crop_max_pixels)
     sampling = sampling_settings(args, policy)
     try:
         core.check_sampling(**sampling)

@@ -21,6 +21,7 @@ Usage:
     batch = collate(policy, [traj])
     logp, _ = sequence_logprobs(policy, batch)                 # (B, L), 0 where loss_mask is 0
 """
+import contextlib
 import functools
 import inspect
 import json
@@ -239,19 +240,32 @@ def load_policy(path, device=None, dtype=None, min_pixels=None, max_pixels=None,
     if config.model_type not in CROP_CONVENTION:
         raise ValueError(f"load_policy: model type {config.model_type!r} is not supported; "
                          f"supported: {', '.join(sorted(CROP_CONVENTION))}.")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+    tokenizer = _load_part("tokenizer", path, lambda: AutoTokenizer.from_pretrained(path, local_files_only=offline))
     missing = [t for t in REQUIRED_SPECIAL if t not in tokenizer.get_vocab()]
     if missing:
         raise ValueError(f"load_policy: the tokenizer at {path!r} lacks the special tokens {missing}; "
                          "the chat format needs the Qwen-VL ChatML and vision tokens.")
-    image_processor = AutoImageProcessor.from_pretrained(path, backend="pil", local_files_only=offline)
+    image_processor = _load_part("image processor", path, lambda: AutoImageProcessor.from_pretrained(
+        path, backend="pil", local_files_only=offline))
     device, dtype = resolve_device(device, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=offline).to(device).eval()
+    model = _load_part("weights", path, lambda: AutoModelForImageTextToText.from_pretrained(
+        path, dtype=dtype, local_files_only=offline)).to(device).eval()
     embed_patches_with_matmul(model)
     try:
         return make_policy(model, tokenizer, image_processor, device, dtype, min_pixels, max_pixels, crop_max_pixels)
     except ValueError as e:
         raise ValueError(f"load_policy: {path!r}: {e}") from None
+
+
+def _load_part(what, path, load):
+    """load(), with whatever the library raises for a broken or incomplete folder (OSError,
+    ValueError, safetensors' own error, ...) turned into one ValueError that names the part."""
+    try:
+        return load()
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"load_policy: cannot load the {what} from {path!r} ({first}). Is the folder complete? "
+                         "A checkpoint cut short by an interrupted save: use an earlier one.") from e
 
 
 def embed_patches_with_matmul(model):
@@ -2122,11 +2136,13 @@ def load_jsonl(path):
     return rows
 
 
-def read_data(path, who):
-    """load_jsonl for the command-line scripts: a file that cannot be read stops the run with one
-    line, `who: <file>:<line>: <problem>`, instead of a traceback."""
+@contextlib.contextmanager
+def stop_on_bad_input(who):
+    """For the command-line scripts: a data file or model folder that cannot be read (load_jsonl and
+    load_policy raise OSError / ValueError naming it) stops the run with `who: <that message>`
+    instead of a traceback."""
     try:
-        return load_jsonl(path)
+        yield
     except (OSError, ValueError) as e:
         raise SystemExit(f"{who}: {e}") from None
 

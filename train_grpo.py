@@ -338,7 +338,9 @@ def read_tasks(path, allow_no_image=False):
     """Task JSONL read as eval.py reads benchmarks (`core.task_from_record`); a bad record stops
     the run before training, naming its line."""
     tasks = []
-    for row in core.read_data(path, "train_grpo"):
+    with core.stop_on_bad_input("train_grpo"):
+        rows = core.load_jsonl(path)
+    for row in rows:
         try:
             tasks.append(core.task_from_record(row, row["_root"], allow_no_image=allow_no_image,
                                                default_id=str(row["_line"])))
@@ -365,16 +367,17 @@ def main(argv=None):
 
     # the policy (and, with --beta, the frozen reference it is kept near)
     start = resume_from if (resume_from and not args.lora_rank) else args.model
-    policy = core.load_policy(start, device=device, dtype=dtype, max_pixels=args.max_pixels,
-                              crop_max_pixels=args.crop_max_pixels)
-    reference = None
-    if args.lora_rank:   # the reference is the same model with the adapters off: no second copy
-        core.add_lora(policy.model, args.lora_rank, args.lora_alpha)
-        if resume_from:
-            core.load_adapters(policy.model, resume_from)
-    elif args.beta > 0:  # full fine-tuning: a frozen copy of the start model
-        reference = core.load_policy(args.model, device=device, dtype=dtype)
-        reference.model.requires_grad_(False)
+    with core.stop_on_bad_input("train_grpo"):
+        policy = core.load_policy(start, device=device, dtype=dtype, max_pixels=args.max_pixels,
+                                  crop_max_pixels=args.crop_max_pixels)
+        reference = None
+        if args.lora_rank:   # the reference is the same model with the adapters off: no second copy
+            core.add_lora(policy.model, args.lora_rank, args.lora_alpha)
+            if resume_from:
+                core.load_adapters(policy.model, resume_from)
+        elif args.beta > 0:  # full fine-tuning: a frozen copy of the start model
+            reference = core.load_policy(args.model, device=device, dtype=dtype)
+            reference.model.requires_grad_(False)
     if args.freeze_vision:
         policy.model.model.visual.requires_grad_(False)
     if args.grad_checkpointing:
@@ -391,7 +394,9 @@ def main(argv=None):
     endpoint = core.JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key) if args.metric == "judge" else None
     experts = {}
     if args.expert_data:
-        for record in core.read_data(args.expert_data, "train_grpo"):
+        with core.stop_on_bad_input("train_grpo"):
+            records = core.load_jsonl(args.expert_data)
+        for record in records:
             if core.check_trajectory_record(record) is None:
                 experts[str(record.get("id"))] = record
     step = 0

@@ -144,7 +144,9 @@ def load_sft_data(path, policy, max_length, skip_bad, quiet=False, cache_mb=0):
     records, lengths, n_loss = [], [], []
     cached = 0   # bytes of the trajectories kept
     counts = {"records": 0, "bad": 0, "cut": 0, "dropped (too long)": 0, "kept": 0}
-    for record in tqdm(core.read_data(path, "train_sft"), desc=f"checking {Path(path).name}", disable=quiet):
+    with core.stop_on_bad_input("train_sft"):
+        rows = core.load_jsonl(path)
+    for record in tqdm(rows, desc=f"checking {Path(path).name}", disable=quiet):
         counts["records"] += 1
         problem = core.check_trajectory_record(record)
         if problem is None:
@@ -221,7 +223,8 @@ def validation_loss(policy, records, lengths, n_loss, batch_tokens, autocast):
 
 
 def merge_only(args):
-    policy = core.load_policy(args.merge, device="cpu")   # a LoRA checkpoint loads merged
+    with core.stop_on_bad_input("train_sft"):
+        policy = core.load_policy(args.merge, device="cpu")   # a LoRA checkpoint loads merged
     core.save_weights(policy, args.out)
     print(f"train_sft: merged {args.merge} -> {args.out}")
 
@@ -248,12 +251,13 @@ def main(argv=None):
     torch.manual_seed(args.seed)   # the LoRA initialization
     # model: the base, or a full checkpoint to resume; LoRA adapters wrapped around the base
     start = resume_from if (resume_from and not args.lora_rank) else args.model
-    policy = core.load_policy(start, device=device, dtype=dtype, max_pixels=args.max_pixels,
-                              crop_max_pixels=args.crop_max_pixels)
-    if args.lora_rank:
-        core.add_lora(policy.model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
-        if resume_from:
-            core.load_adapters(policy.model, resume_from)
+    with core.stop_on_bad_input("train_sft"):
+        policy = core.load_policy(start, device=device, dtype=dtype, max_pixels=args.max_pixels,
+                                  crop_max_pixels=args.crop_max_pixels)
+        if args.lora_rank:
+            core.add_lora(policy.model, args.lora_rank, args.lora_alpha, args.lora_targets.split(","))
+            if resume_from:
+                core.load_adapters(policy.model, resume_from)
     if args.freeze_vision:
         policy.model.model.visual.requires_grad_(False)
     if args.grad_checkpointing:
@@ -273,7 +277,8 @@ def main(argv=None):
     per_epoch = math.ceil(len(micro_batches) / per_step)
     total = args.steps or max(1, round(args.epochs * per_epoch))
     val = load_sft_data(args.val_data, policy, args.max_length, True, args.quiet, args.cache_mb)[:3] if args.val_data else None
-    eval_tasks = core.read_data(args.eval_tasks, "train_sft")[:args.eval_limit] if args.eval_tasks else None
+    with core.stop_on_bad_input("train_sft"):
+        eval_tasks = core.load_jsonl(args.eval_tasks)[:args.eval_limit] if args.eval_tasks else None
     toolbox = tools.toolbox_from_args(args, policy.crop_convention, policy.shown_size) if eval_tasks else None
     print(f"train_sft: {counts['records']} records: {len(records)} used, {counts['bad']} bad (skipped), "
           f"{counts['cut']} cut at a turn boundary, {counts['dropped (too long)']} dropped as longer than "

@@ -1,6 +1,7 @@
 """Chat format, loss masks, record round-trip, load_policy errors, sequence_logprobs."""
 import copy as copy_module
 import json
+import shutil
 
 import pytest
 import torch
@@ -254,6 +255,23 @@ def test_load_policy_errors(tiny_dir, tmp_path):
     PreTrainedTokenizerFast(tokenizer_object=tk).save_pretrained(notok)
     with pytest.raises(ValueError, match="lacks the special tokens.*vision_start"):
         core.load_policy(notok)
+
+
+@pytest.mark.parametrize("damage, part", [("model.safetensors", "weights"), ("truncate", "weights"),
+                                          ("tokenizer.json", "tokenizer"), ("preprocessor_config.json", "image processor")])
+def test_an_incomplete_checkpoint_names_the_part_and_stops_a_script(tiny_dir, tmp_path, damage, part):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, folder)
+    if damage == "truncate":   # a save cut short
+        with open(folder / "model.safetensors", "r+b") as f:
+            f.truncate(1000)
+    else:
+        (folder / damage).unlink()
+    with pytest.raises(ValueError, match=f"cannot load the {part} from .*Is the folder complete"):
+        core.load_policy(folder)
+    with pytest.raises(SystemExit, match=f"^eval: load_policy: cannot load the {part}"):
+        with core.stop_on_bad_input("eval"):
+            core.load_policy(folder)
 
 
 def test_tiny_policy_round_trips_through_save_pretrained(policy, tiny_dir):
