@@ -258,11 +258,13 @@ def load_policy(path, device=None, dtype=None, min_pixels=None, max_pixels=None,
 
 
 def _load_part(what, path, load):
-    """load(), with whatever the library raises for a broken or incomplete folder (OSError,
-    ValueError, safetensors' own error, ...) turned into one ValueError that names the part."""
+    """load(), with what the libraries raise for a broken or incomplete folder (OSError, ValueError,
+    safetensors' own error) turned into one ValueError that names the part."""
+    from safetensors import SafetensorError
+
     try:
         return load()
-    except Exception as e:
+    except (OSError, ValueError, SafetensorError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"load_policy: cannot load the {what} from {path!r} ({first}). Is the folder complete? "
                          "A checkpoint cut short by an interrupted save: use an earlier one.") from e
