@@ -1061,10 +1061,13 @@ def repeats_itself(tokens, max_n=16, min_repeats=4, min_span=48):
 
 
 def check_sampling(temperature, top_p, top_k):
-    """ValueError unless temperature >= 0, 0 < top_p <= 1 and top_k >= 0 (what `sample` can use)."""
-    if not (temperature >= 0 and 0 < top_p <= 1 and top_k >= 0):
-        raise ValueError(f"sampling: temperature {temperature} (0 = greedy, else > 0), top_p {top_p} "
-                         f"(in (0, 1]), top_k {top_k} (0 = off, else > 0): one of them is out of range")
+    """ValueError naming each setting `sample` cannot use: temperature < 0, top_p outside (0, 1], top_k < 0."""
+    rules = [(temperature >= 0, f"temperature {temperature}: 0 is greedy, else above 0"),
+             (0 < top_p <= 1, f"top_p {top_p}: the nucleus mass lies in (0, 1]"),
+             (top_k >= 0, f"top_k {top_k}: 0 is off, else the number of ids kept")]
+    bad = [why for ok, why in rules if not ok]
+    if bad:
+        raise ValueError("sampling: " + "; ".join(bad))
 
 
 def sample(logits, temperature, top_p, generator, mask=None, top_k=0):

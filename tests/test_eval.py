@@ -289,9 +289,9 @@ def test_bad_data_lines_and_bombs_become_error_lines(world, tiny_dir, tmp_path):
     (["--dtype", "banana"], "--dtype 'banana'"),
     (["--device", "cuda"], "no CUDA device"),
     (["--n", "4"], "--n 4 at temperature 0"),
-    (["--temperature", "-1"], "temperature -1.0 (0 = greedy"),
-    (["--top-p", "0"], "top_p 0.0 (in (0, 1])"),
-    (["--top-k", "-2"], "top_k -2 (0 = off"),
+    (["--temperature", "-1"], "eval: sampling: temperature -1.0: 0 is greedy"),
+    (["--top-p", "0"], "top_p 0.0: the nucleus mass lies in (0, 1]"),
+    (["--top-k", "-2", "--top-p", "2"], "top_p 2.0: the nucleus mass lies in (0, 1]; top_k -2: 0 is off"),
     (["--corpus", "/no/such/corpus.jsonl"], "--corpus / --image-index: LocalTextSearch: no corpus at"),
     (["--backend", "serper"], "--backend serper: serper search is not configured: set SERPER_API_KEY"),
 ])

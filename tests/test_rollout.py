@@ -131,6 +131,14 @@ def test_prompt_over_budget_ends_at_once(policy):
     assert traj.finish_reason == "max_context" and traj.turns == 0
 
 
+@pytest.mark.parametrize("sampling, message", [({"temperature": -0.5}, "temperature -0.5: 0 is greedy"),
+                                               ({"temperature": float("nan")}, "temperature nan"),
+                                               ({"top_p": 0.0}, "top_p 0.0"), ({"top_k": -1}, "top_k -1")])
+def test_sampling_out_of_range_is_refused_before_any_work(policy, sampling, message):
+    with pytest.raises(ValueError, match=f"^sampling: {message}"):
+        core.rollout(policy, [task()], BOX, progress=False, **sampling)
+
+
 def test_tool_failure_mid_rollout_is_observed(policy):
     class Down:
         name = "down"
