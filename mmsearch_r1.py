@@ -566,6 +566,8 @@ def new_trajectory(policy, task, system=None, schemas=None):
         system = system_prompt(policy.crop_convention, schemas)
     add_message(policy, traj, "system", system)
     images = task_images(task)
+    if not isinstance(task.get("question"), str):
+        raise ValueError(f"task {traj.id!r}: no 'question' text (a task is id, image, question[, answers])")
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": task["question"]}]
     add_message(policy, traj, "user", content, images)
     return traj
@@ -672,6 +674,8 @@ def collate(policy, trajs):
     Returns input_ids, attention_mask, loss_mask (B, L); position_ids (3, B, L), each row's
     row_positions (0 on padding); pixel_values and image_grid_thw of every image in row order;
     mm_token_type_ids (1 on image pads)."""
+    if not trajs:
+        raise ValueError("collate: no trajectories to batch")
     B, L = len(trajs), max(len(t.input_ids) for t in trajs)
     pad = policy.ids["endoftext"]
     input_ids = torch.full((B, L), pad, dtype=torch.long)
@@ -1243,6 +1247,10 @@ def rollout(policy, tasks, toolbox, n=1, max_turns=6, max_new_tokens=512, max_co
     from tqdm.auto import tqdm
 
     check_sampling(temperature, top_p, top_k)
+    sizes = dict(max_turns=max_turns, max_new_tokens=max_new_tokens, max_context=max_context, max_batch=max_batch)
+    bad = [f"{k} {v}" for k, v in sizes.items() if v < 1] + ([f"n {n}"] if n < 0 else [])
+    if bad:
+        raise ValueError(f"rollout: {', '.join(bad)}: n must be 0 or more, the limits at least 1")
     limits = dict(max_new_tokens=max_new_tokens, max_context=max_context, temperature=temperature, top_p=top_p,
                   top_k=top_k)
     generator = torch.Generator(device=policy.device).manual_seed(seed)

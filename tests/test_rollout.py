@@ -139,6 +139,15 @@ def test_sampling_out_of_range_is_refused_before_any_work(policy, sampling, mess
         core.rollout(policy, [task()], BOX, progress=False, **sampling)
 
 
+def test_bad_limits_and_tasks_are_refused_with_their_names(policy):
+    with pytest.raises(ValueError, match="^rollout: max_batch 0, n -1: n must be 0 or more"):
+        core.rollout(policy, [task()], BOX, n=-1, max_batch=0, progress=False)
+    with pytest.raises(ValueError, match="task 'q1': no 'question' text"):
+        core.rollout(policy, [{"id": "q1", "image": task()["image"]}], BOX, progress=False)
+    with pytest.raises(ValueError, match="collate: no trajectories"):
+        core.collate(policy, [])
+
+
 def test_tool_failure_mid_rollout_is_observed(policy):
     class Down:
         name = "down"
