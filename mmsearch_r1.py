@@ -2128,24 +2128,32 @@ def load_trainer_state(folder, optimizer, step=None):
     return state
 
 
-def load_jsonl(path):
+def load_jsonl(path, bad=None):
     """A JSONL file -> list of dicts, each with `_root` (the file's folder, for relative image
-    paths) and `_line`. A line that is not a JSON object is an error naming the line."""
+    paths) and `_line`. A line that is not a UTF-8 JSON object is a ValueError naming the line,
+    or, when `bad` is a list, appended to it as "<file>:<line>: <problem>" and skipped (a
+    half-written last line of an interrupted writer, say)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no data file at {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(raw.decode("utf-8"))
+                problem = None if isinstance(row, dict) else f"a line must be a JSON object, got {type(row).__name__}"
+            except UnicodeDecodeError:
+                problem = "not UTF-8 text"
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: a line must be a JSON object, got {type(row).__name__}")
-            rows.append({**row, "_root": str(path.parent), "_line": n})
+                problem = f"not valid JSON ({e.msg})"
+            if problem is None:
+                rows.append({**row, "_root": str(path.parent), "_line": n})
+            elif bad is None:
+                raise ValueError(f"{path}:{n}: {problem}")
+            else:
+                bad.append(f"{path}:{n}: {problem}")
     return rows
 
 

@@ -144,8 +144,12 @@ def load_sft_data(path, policy, max_length, skip_bad, quiet=False, cache_mb=0):
     records, lengths, n_loss = [], [], []
     cached = 0   # bytes of the trajectories kept
     counts = {"records": 0, "bad": 0, "cut": 0, "dropped (too long)": 0, "kept": 0}
-    with core.stop_on_bad_input("train_sft"):
-        rows = core.load_jsonl(path)
+    unreadable = [] if skip_bad else None   # lines that are not JSON objects: skipped and counted with skip_bad
+    try:
+        rows = core.load_jsonl(path, unreadable)
+    except ValueError as e:
+        raise SystemExit(f"train_sft: {e}. Fix the line, or pass --skip-bad to skip such lines.") from None
+    counts["records"] = counts["bad"] = len(unreadable or [])
     for record in tqdm(rows, desc=f"checking {Path(path).name}", disable=quiet):
         counts["records"] += 1
         problem = core.check_trajectory_record(record)

@@ -213,8 +213,18 @@ def test_bad_records_stop_or_are_skipped(tiny_dir, tmp_path, capsys):
     (tmp_path / "junk.jsonl").write_text(lines[-1] + "\n")
     with pytest.raises(ValueError, match="junk.jsonl:1: a line must be a JSON object"):
         core.load_jsonl(tmp_path / "junk.jsonl")
-    with pytest.raises(SystemExit, match="train_sft: .*junk.jsonl:1: a line must be a JSON object"):
+    with pytest.raises(SystemExit, match="train_sft: .*junk.jsonl:1: a line must be a JSON object.*--skip-bad"):
         train_sft.main(["--model", str(tiny_dir), "--data", str(tmp_path / "junk.jsonl"), "--out", str(tmp_path / "c")])
+    # lines that are not JSON objects (a list, a half-written line, bytes that are not UTF-8) are bad records too
+    with open(path, "ab") as f:
+        f.write(b"[1, 2]\n\xff\xfe\n" + lines[0][:40].encode() + b"\n")
+    train_sft.main(["--model", str(tiny_dir), "--data", str(path), "--out", str(tmp_path / "d"), "--quiet", "--skip-bad",
+                    "--steps", "1"])
+    assert f"{len(lines) + 2} records: 2 used, {len(BAD) + 3} bad (skipped)" in capsys.readouterr().out
+    assert core.load_jsonl(path, bad := [])[-1]["_line"] == len(lines) - 1
+    assert [b.split(":", 2)[1:] for b in bad] == [[str(len(lines)), " a line must be a JSON object, got list"],
+                                                  [str(len(lines) + 1), " not UTF-8 text"],
+                                                  [str(len(lines) + 2), " not valid JSON (Invalid control character at)"]]
 
 
 def test_long_records_are_cut_at_a_turn_boundary(policy, tmp_path):
