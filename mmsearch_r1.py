@@ -2142,7 +2142,7 @@ def load_jsonl(path, bad=None):
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                row = json.loads(raw.decode("utf-8-sig"))   # -sig: a byte-order mark (Windows editors) is dropped
                 problem = None if isinstance(row, dict) else f"a line must be a JSON object, got {type(row).__name__}"
             except UnicodeDecodeError:
                 problem = "not UTF-8 text"

@@ -222,6 +222,8 @@ def test_bad_records_stop_or_are_skipped(tiny_dir, tmp_path, capsys):
                     "--steps", "1"])
     assert f"{len(lines) + 2} records: 2 used, {len(BAD) + 3} bad (skipped)" in capsys.readouterr().out
     assert core.load_jsonl(path, bad := [])[-1]["_line"] == len(lines) - 1
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + lines[0].encode() + b"\n")   # a byte-order mark
+    assert core.load_jsonl(tmp_path / "bom.jsonl")[0]["id"] == json.loads(lines[0])["id"]
     assert [b.split(":", 2)[1:] for b in bad] == [[str(len(lines)), " a line must be a JSON object, got list"],
                                                   [str(len(lines) + 1), " not UTF-8 text"],
                                                   [str(len(lines) + 2), " not valid JSON (Invalid control character at)"]]
