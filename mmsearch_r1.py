@@ -2221,17 +2221,22 @@ def trim_metrics(path, step):
 
 def save_final(policy, out_dir, base=None, state_dict=None):
     """The end of training: `out_dir/final/`, a plain model folder for load_policy (LoRA merged in).
-    state_dict: the weights gathered from a sharded run (with LoRA, `base` names the base model)."""
-    final = Path(out_dir) / "final"
+    state_dict: the weights gathered from a sharded run (with LoRA, `base` names the base model).
+    Written into a temporary folder, then renamed, as checkpoints are: a run killed while saving
+    leaves no `final/` (whose config.json would say the training finished) but its last checkpoint."""
+    import shutil
+    final, tmp = Path(out_dir) / "final", Path(out_dir) / ".tmp_final"
+    shutil.rmtree(tmp, ignore_errors=True)
     if state_dict is not None and lora_modules(policy.model):   # adapters -> load merged on CPU -> save
-        import shutil
         adapters = Path(out_dir) / ".final_adapters"
         save_weights(policy, adapters, base=base, state_dict=state_dict)
         policy, state_dict = load_policy(adapters, device="cpu"), None
         shutil.rmtree(adapters)
     elif lora_modules(policy.model):
         merge_lora(policy.model)
-    save_weights(policy, final, state_dict=state_dict)
+    save_weights(policy, tmp, state_dict=state_dict)
+    shutil.rmtree(final, ignore_errors=True)   # a final/ of an earlier run into this folder
+    tmp.rename(final)
     return final
 
 

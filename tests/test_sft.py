@@ -263,3 +263,21 @@ def test_bad_flags(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train_sft.parse_args(flags)
         assert message in capsys.readouterr().err
+
+
+def test_a_save_killed_midway_leaves_no_final(policy, tmp_path, monkeypatch):
+    """final/config.json says "trained" to run.py and to users: it must not exist before the weights do."""
+    save_weights = core.save_weights
+
+    def killed(policy, folder, **kwargs):   # config.json written, then the process dies
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(core, "save_weights", killed)
+    with pytest.raises(KeyboardInterrupt):
+        core.save_final(policy, tmp_path)
+    assert not (tmp_path / "final").exists()
+    monkeypatch.setattr(core, "save_weights", save_weights)
+    (tmp_path / "final").mkdir()   # and a final/ of an earlier run is replaced
+    assert core.load_policy(core.save_final(policy, tmp_path)).model_type == policy.model_type
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

@@ -172,3 +172,15 @@ def test_kind_tag_names_the_kind_where_the_think_copies_it(tmp_path):
                 assert ", not as asked. I will try the image's" in t and f"category {asked}," not in t
                 misses += 1
     assert misses > 0
+
+
+def test_a_world_file_is_written_whole_or_not_at_all(tmp_path):
+    """run.py takes sft.jsonl as the sign of a finished world: a killed prepare.py must not leave half of it."""
+    def rows():
+        yield {"id": "a"}
+        raise KeyboardInterrupt   # killed mid-write
+    with pytest.raises(KeyboardInterrupt):
+        prepare_module().write_jsonl(tmp_path / "sft.jsonl", rows())
+    assert not (tmp_path / "sft.jsonl").exists()
+    prepare_module().write_jsonl(tmp_path / "sft.jsonl", [{"id": "a"}, {"id": "b"}])
+    assert [r["id"] for r in core.load_jsonl(tmp_path / "sft.jsonl")] == ["a", "b"]

@@ -78,6 +78,7 @@ context, take the token after it; so that token should be rare there). README ha
 """
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -502,8 +503,8 @@ def main(argv=None):
         redated_records += [dict(r, pages=f"sft_pages/corpus_{v}.jsonl", answers=[years[r["id"]]]) for r in kept]
     records = sorted(records * args.views + redated_records, key=lambda r: r["id"])   # each habit keeps its share
     expert_records, _ = replay([r for r in rows if (r["id"], None) in experts], experts, "expert_crops")
-    write_jsonl(out / "sft.jsonl", records)
     write_jsonl(out / "expert.jsonl", expert_records)
+    write_jsonl(out / "sft.jsonl", records)   # last: run.py takes it as the sign that the world is complete
     print(f"toy world in {out}: {len(entities)} landmarks ({len(unseen)} only in test), "
           f"{len(train)} train / {len(val)} val / {len(test)} test tasks")
     direct = sum(t["direct"] for t in train)
@@ -519,9 +520,13 @@ def main(argv=None):
 
 
 def write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as f:
+    """All rows or none: written to a temporary file renamed over `path`, so a run killed midway
+    never leaves a half-written file that looks finished."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
