@@ -283,10 +283,11 @@ def main(argv=None):
     summary["settings"] = settings
     summary["image budgets (pixels)"] = {"min": policy.min_pixels, "question": policy.max_pixels,
                                          "crop": policy.crop_max_pixels}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(markdown_table(summary))
     if args.html:
         core.write_report(args.html, results, summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))   # last: run.py's sign of a finished eval
+    print(markdown_table(summary))
+    if args.html:
         print(f"eval: report written to {args.html}")
     return summary
 
