@@ -2213,9 +2213,16 @@ def check_trajectory_record(record):
 
 
 def trim_metrics(path, step):
-    """On resume: drop the metrics.jsonl lines a killed run wrote after its last checkpoint `step`."""
+    """On resume: drop the metrics.jsonl lines a killed run wrote after its last checkpoint `step`
+    (and a line it was killed while writing)."""
     path = Path(path)
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step] if path.exists() else []
+    kept = []
+    for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):   # the line the run was writing when it was killed
+            pass
     path.write_text("".join(line + "\n" for line in kept))
 
 

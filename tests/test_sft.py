@@ -281,3 +281,10 @@ def test_a_save_killed_midway_leaves_no_final(policy, tmp_path, monkeypatch):
     (tmp_path / "final").mkdir()   # and a final/ of an earlier run is replaced
     assert core.load_policy(core.save_final(policy, tmp_path)).model_type == policy.model_type
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_trim_metrics_drops_later_steps_and_a_half_written_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 1.5}\n{"step": 4, "lo')
+    core.trim_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n'
