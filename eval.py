@@ -134,6 +134,8 @@ def check_args(args):
             raise SystemExit(f"eval: --metric judge: {e}") from None
     if args.n < 1 or args.batch < 1 or args.max_turns < 1:
         raise SystemExit("eval: --n, --batch and --max-turns must be at least 1")
+    if not args.no_tools:
+        tools.check_tool_args(args)
     given = {k: getattr(args, k) for k in ("temperature", "top_p", "top_k") if getattr(args, k) is not None}
     try:   # the flags given; the checkpoint's own values are checked once it is loaded
         core.check_sampling(**{"temperature": 0.0, "top_p": 1.0, "top_k": 0, **given})

@@ -1239,12 +1239,30 @@ def cache_from_args(args):
         raise SystemExit(f"--cache: {e}") from None
 
 
-def toolbox_from_args(args, convention, shown_size):
-    """The Toolbox the tool flags describe, for a policy with this crop convention and shown_size."""
-    host = ImageHost(args.image_host_dir, args.image_host_url) if args.image_host_dir else None
+HTTP_BACKENDS = {"serper": SerperSearch, "serpapi": SerpAPISearch, "searxng": SearxngSearch}
+
+
+def check_tool_args(args):
+    """The tool flags' quick checks, for the scripts to run before any slow work (loading a model):
+    the local backend's files exist; an HTTP backend has its key, unless --cache-only replays a cache."""
     if args.backend == "local":
         if not args.corpus:
             raise SystemExit("--backend local needs --corpus (JSONL of id, title, url, text)")
+        for flag, path in (("--corpus", args.corpus), ("--image-index", args.image_index)):
+            if path and not Path(path).is_file():
+                raise SystemExit(f"{flag} {path}: no such file (build a world with data/toyworld/prepare.py)")
+    elif not args.cache_only:   # every search would fail: say so now, not in each tool observation
+        try:
+            HTTP_BACKENDS[args.backend](base_url=args.search_url)._need_key()
+        except ToolError as e:
+            raise SystemExit(f"--backend {args.backend}: {e} (or replay cached results with --cache-only)") from None
+
+
+def toolbox_from_args(args, convention, shown_size):
+    """The Toolbox the tool flags describe, for a policy with this crop convention and shown_size."""
+    check_tool_args(args)
+    host = ImageHost(args.image_host_dir, args.image_host_url) if args.image_host_dir else None
+    if args.backend == "local":
         try:
             text = LocalTextSearch(args.corpus)
             image = LocalImageSearch(args.image_index, args.embed_model) if args.image_index else None
@@ -1252,14 +1270,8 @@ def toolbox_from_args(args, convention, shown_size):
             raise SystemExit(f"--corpus / --image-index: {e}") from None
         pages = text
     else:
-        cls = {"serper": SerperSearch, "serpapi": SerpAPISearch, "searxng": SearxngSearch}[args.backend]
-        text = image = cls(base_url=args.search_url, image_host=host)
+        text = image = HTTP_BACKENDS[args.backend](base_url=args.search_url, image_host=host)
         pages = WebPages(allow_private=args.allow_private_urls)
-        if not args.cache_only:   # every search would fail: say so now, not in each tool observation
-            try:
-                text._need_key()
-            except ToolError as e:
-                raise SystemExit(f"--backend {args.backend}: {e} (or replay cached results with --cache-only)") from None
     try:
         grounder = Grounder(args.grounding_model, args.grounding_threshold) if args.grounding_model else None
         summarizer = SummarizerEndpoint(args.visit_summarizer, args.visit_summarizer_model or "") \

@@ -232,6 +232,8 @@ def parse_args(argv=None):
                  "use DDP (the default under torchrun), with --lora-rank for large models")
     if args.metric == "judge" and not (args.judge_url or args.judge_model):
         ap.error("--metric judge needs --judge-url and --judge-model (or $JUDGE_BASE_URL and $JUDGE_MODEL)")
+    if not args.no_tools:
+        tools.check_tool_args(args)
     args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
     return args
 

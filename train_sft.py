@@ -100,6 +100,8 @@ def parse_args(argv=None):
     args.lora_alpha = args.lora_alpha or 2 * args.lora_rank
     if args.fsdp and (args.val_data or args.eval_tasks):
         ap.error("--fsdp runs no periodic validation (every rank holds a shard); run eval.py on a checkpoint")
+    if args.eval_tasks:
+        tools.check_tool_args(args)
     return args
 
 

@@ -292,7 +292,7 @@ def test_bad_data_lines_and_bombs_become_error_lines(world, tiny_dir, tmp_path):
     (["--temperature", "-1"], "eval: sampling: temperature -1.0: 0 is greedy"),
     (["--top-p", "0"], "top_p 0.0: the nucleus mass lies in (0, 1]"),
     (["--top-k", "-2", "--top-p", "2"], "top_p 2.0: the nucleus mass lies in (0, 1]; top_k -2: 0 is off"),
-    (["--corpus", "/no/such/corpus.jsonl"], "--corpus / --image-index: LocalTextSearch: no corpus at"),
+    (["--corpus", "/no/such/corpus.jsonl"], "--corpus /no/such/corpus.jsonl: no such file"),
     (["--backend", "serper"], "--backend serper: serper search is not configured: set SERPER_API_KEY"),
 ])
 def test_bad_flags_say_what_to_do(world, tiny_dir, tmp_path, extra, message, monkeypatch):
@@ -301,6 +301,16 @@ def test_bad_flags_say_what_to_do(world, tiny_dir, tmp_path, extra, message, mon
     monkeypatch.delenv("SERPER_API_KEY", raising=False)
     with pytest.raises(SystemExit, match=re.escape(message)):
         ev.main(args(world, tiny_dir, tmp_path / "run") + extra)
+
+
+def test_tool_and_sampling_flags_are_checked_before_the_model_loads(world, tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(core, "load_policy", lambda *a, **k: pytest.fail("the model was loaded first"))
+    monkeypatch.delenv("SERPAPI_API_KEY", raising=False)
+    for extra, message in [(["--corpus", "/no/such.jsonl"], "--corpus /no/such.jsonl: no such file"),
+                           (["--backend", "serpapi"], "set SERPAPI_API_KEY"),
+                           (["--temperature", "-1"], "temperature -1.0")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            ev.main(args(world, tiny_dir, tmp_path / "run") + extra)
 
 
 def test_out_and_html_paths_are_checked_first(world, tiny_dir, tmp_path):
