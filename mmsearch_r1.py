@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 import tools
-from tools import TOOL_SCHEMAS
+from tools import TOOL_SCHEMAS, load_jsonl   # load_jsonl: core.load_jsonl to the scripts
 
 # ----------------------------------------------------------------------------------------------
 # 1. Device, dtype, model families, load_policy
@@ -2126,35 +2126,6 @@ def load_trainer_state(folder, optimizer, step=None):
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
-
-
-def load_jsonl(path, bad=None):
-    """A JSONL file -> list of dicts, each with `_root` (the file's folder, for relative image
-    paths) and `_line`. A line that is not a UTF-8 JSON object is a ValueError naming the line,
-    or, when `bad` is a list, appended to it as "<file>:<line>: <problem>" and skipped (a
-    half-written last line of an interrupted writer, say)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no data file at {path}")
-    rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8-sig"))   # -sig: a byte-order mark (Windows editors) is dropped
-                problem = None if isinstance(row, dict) else f"a line must be a JSON object, got {type(row).__name__}"
-            except UnicodeDecodeError:
-                problem = "not UTF-8 text"
-            except json.JSONDecodeError as e:
-                problem = f"not valid JSON ({e.msg})"
-            if problem is None:
-                rows.append({**row, "_root": str(path.parent), "_line": n})
-            elif bad is None:
-                raise ValueError(f"{path}:{n}: {problem}")
-            else:
-                bad.append(f"{path}:{n}: {problem}")
-    return rows
 
 
 @contextlib.contextmanager

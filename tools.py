@@ -316,6 +316,35 @@ def to_convention(box, image, convention, shown_size=None):
 #    `search(query_or_image, k) -> [{"title", "url", "snippet"}]`, raising ToolError on failure.
 
 
+def load_jsonl(path, bad=None):
+    """A JSONL file -> list of dicts, each with `_root` (the file's folder, for relative image
+    paths) and `_line`. A line that is not a UTF-8 JSON object is a ValueError naming the line,
+    or, when `bad` is a list, appended to it as "<file>:<line>: <problem>" and skipped (a
+    half-written last line of an interrupted writer, say)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no data file at {path}")
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8-sig"))   # -sig: a byte-order mark (Windows editors) is dropped
+                problem = None if isinstance(row, dict) else f"a line must be a JSON object, got {type(row).__name__}"
+            except UnicodeDecodeError:
+                problem = "not UTF-8 text"
+            except json.JSONDecodeError as e:
+                problem = f"not valid JSON ({e.msg})"
+            if problem is None:
+                rows.append({**row, "_root": str(path.parent), "_line": n})
+            elif bad is None:
+                raise ValueError(f"{path}:{n}: {problem}")
+            else:
+                bad.append(f"{path}:{n}: {problem}")
+    return rows
+
+
 def words(text):
     return re.findall(r"\w+", text.lower())
 
@@ -346,16 +375,11 @@ class LocalTextSearch:
     def _build(self, db, stamp):
         db.execute("DROP TABLE IF EXISTS docs")
         db.execute("CREATE VIRTUAL TABLE docs USING fts5(title, text, url UNINDEXED, id UNINDEXED)")
-        with open(self.corpus, encoding="utf-8") as f:
-            rows = []
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    d = json.loads(line)
-                    rows.append((d.get("title", ""), d["text"], d.get("url", ""), str(d.get("id", n))))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise ValueError(f"{self.corpus}:{n}: want a JSON object with at least 'text'") from None
+        rows = []
+        for d in load_jsonl(self.corpus):
+            if "text" not in d:
+                raise ValueError(f"{self.corpus}:{d['_line']}: want a JSON object with at least 'text'")
+            rows.append((d.get("title", ""), d["text"], d.get("url", ""), str(d.get("id", d["_line"]))))
         db.executemany("INSERT INTO docs (title, text, url, id) VALUES (?, ?, ?, ?)", rows)
         db.execute("INSERT OR REPLACE INTO meta VALUES ('stamp', ?)", (stamp,))
 
@@ -407,17 +431,10 @@ class LocalImageSearch:
         if not self.index.exists():
             raise FileNotFoundError(f"LocalImageSearch: no image index at {str(self.index)!r} (JSONL of "
                                     "image, title, url, snippet); build one with data/toyworld/prepare.py")
-        self.entries = []
-        for n, line in enumerate(self.index.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    entry = None
-                if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-                    raise ValueError(f"{self.index}:{n}: want a JSON object with at least 'image' "
-                                     "(a path relative to the index)")
-                self.entries.append(entry)
+        self.entries = load_jsonl(self.index)
+        for e in self.entries:
+            if not isinstance(e.get("image"), str):
+                raise ValueError(f"{self.index}:{e['_line']}: want at least 'image' (a path relative to the index)")
         self.embed = self._embedder(embed_model) if embed_model else image_descriptor
         stat = self.index.stat()
         self.name = f"local:{self.index.resolve()}:{stat.st_size}-{stat.st_mtime_ns}" + (f":{embed_model}" if embed_model else "")

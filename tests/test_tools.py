@@ -670,8 +670,8 @@ def test_bad_tool_data_and_missing_keys_stop_with_a_message(tmp_path, monkeypatc
     corpus = str(write_jsonl(tmp_path / "corpus.jsonl", [{"id": "1", "title": "t", "url": "http://local/1", "text": "x"}]))
     grid_image().save(tmp_path / "a.png")
     (tmp_path / "b.png").write_bytes(b"not a png")
-    cases = [("garbage.jsonl", "{\"image\": \"a.png\"}\nnot json\n", "garbage.jsonl:2: want a JSON object with at least 'image'"),
-             ("noimage.jsonl", '{"title": "x"}\n', "noimage.jsonl:1: want a JSON object"),
+    cases = [("garbage.jsonl", "{\"image\": \"a.png\"}\nnot json\n", "garbage.jsonl:2: not valid JSON"),
+             ("noimage.jsonl", '{"title": "x"}\n', "noimage.jsonl:1: want at least 'image'"),
              ("missing.jsonl", '{"image": "nope.png"}\n', "cannot read the image of entry 'nope.png'"),
              ("broken.jsonl", '{"image": "b.png"}\n', "cannot read the image of entry 'b.png'")]
     for name, text, message in cases:
