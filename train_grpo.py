@@ -225,8 +225,10 @@ def parse_args(argv=None):
     if args.lr <= 0 or args.tasks_per_step < 1 or args.ppo_epochs < 1 or args.temperature <= 0 or args.max_turns < 1:
         ap.error("--lr, --temperature, --tasks-per-step, --ppo-epochs and --max-turns must be positive "
                  "(GRPO samples: T > 0)")
-    if not 0 < args.top_p <= 1:
-        ap.error(f"--top-p {args.top_p}: the nucleus mass lies in (0, 1]")
+    try:
+        core.check_sampling(args.temperature, args.top_p, 0)
+    except ValueError as e:
+        ap.error(f"--temperature / --top-p: {e}")
     if args.fsdp:
         ap.error("--fsdp is for train_sft.py: GRPO rolls out on every rank, which needs the whole model there; "
                  "use DDP (the default under torchrun), with --lora-rank for large models")

@@ -208,7 +208,7 @@ def test_bad_flags(tmp_path, capsys):
                            (base + ["--group-size", "1"], "at least 2"),
                            (base + ["--temperature", "0"], "T > 0"),
                            (base + ["--max-turns", "0"], "--max-turns must be positive"),
-                           (base + ["--top-p", "1.5"], "--top-p 1.5: the nucleus mass lies in (0, 1]"),
+                           (base + ["--top-p", "1.5"], "top_p 1.5: the nucleus mass lies in (0, 1]"),
                            (base + ["--metric", "judge"], "needs --judge-url")]:
         with pytest.raises(SystemExit):
             grpo.parse_args(flags)
