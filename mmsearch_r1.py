@@ -248,8 +248,10 @@ def load_policy(path, device=None, dtype=None, min_pixels=None, max_pixels=None,
     image_processor = _load_part("image processor", path, lambda: AutoImageProcessor.from_pretrained(
         path, backend="pil", local_files_only=offline))
     device, dtype = resolve_device(device, dtype)
+    # use_kernels=False: transformers 5.25 otherwise swaps layers for kernels fetched from the hub
+    # (the `kernels` package): other numerics, a download, and not the code this file reads
     model = _load_part("weights", path, lambda: AutoModelForImageTextToText.from_pretrained(
-        path, dtype=dtype, local_files_only=offline)).to(device).eval()
+        path, dtype=dtype, local_files_only=offline, use_kernels=False)).to(device).eval()
     embed_patches_with_matmul(model)
     try:
         return make_policy(model, tokenizer, image_processor, device, dtype, min_pixels, max_pixels, crop_max_pixels)

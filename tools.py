@@ -258,7 +258,7 @@ class Grounder:
         import torch
         from transformers import AutoImageProcessor, AutoModelForZeroShotObjectDetection, AutoTokenizer
         try:
-            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path).to(device).eval()
+            self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path, use_kernels=False).to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(path)
             self.processor = AutoImageProcessor.from_pretrained(path, backend="pil")
         except (OSError, ValueError, KeyError) as e:
@@ -462,7 +462,7 @@ class LocalImageSearch:
     def _embedder(name):
         import torch
         from transformers import AutoImageProcessor, AutoModel
-        model = AutoModel.from_pretrained(name).eval()
+        model = AutoModel.from_pretrained(name, use_kernels=False).eval()   # no hub kernels (see load_policy)
         processor = AutoImageProcessor.from_pretrained(name, backend="pil")
 
         def embed(image):
