@@ -2110,6 +2110,30 @@ def latest_checkpoint(out_dir):
     return found[-1] if found else None
 
 
+def resume_point(out_dir, resume, who):
+    """The checkpoint a run continues from: with --resume the newest in out_dir (None, said aloud,
+    when there is none yet); without it a folder that has checkpoints is refused, so a new run
+    never mixes its checkpoints and metrics with an old one's."""
+    found = latest_checkpoint(out_dir)
+    if not resume and found is not None:
+        raise SystemExit(f"{who}: {out_dir} already has checkpoints; pass --resume to continue, or another --out")
+    if resume and found is None:
+        print(f"{who}: --resume but no checkpoint in {out_dir}; starting fresh")
+    return found if resume else None
+
+
+def start_step(resume_from, optimizer, step, metrics_path, main, who):
+    """The step a run starts at: 0, or its checkpoint's, with the optimizer and RNG states restored
+    and the metrics lines the interrupted run logged past that step dropped (by the main process)."""
+    if resume_from is None:
+        return 0
+    at = load_trainer_state(resume_from, optimizer, step)["step"]
+    if main:
+        trim_metrics(metrics_path, at)
+    print(f"{who}: resumed from {resume_from} at step {at}")
+    return at
+
+
 def load_trainer_state(folder, optimizer, step=None):
     """Restore the optimizer and RNG states saved by save_checkpoint; returns the loop state.
     step: the (sharded) training module, needed when the run shards its parameters."""

@@ -364,9 +364,7 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if (args.lora_rank and on_gpu) else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
-    resume_from = core.latest_checkpoint(out) if args.resume else None
-    if not args.resume and core.latest_checkpoint(out) is not None:
-        raise SystemExit(f"train_grpo: {out} already has checkpoints; pass --resume to continue, or another --out")
+    resume_from = core.resume_point(out, args.resume, "train_grpo")
     torch.manual_seed(args.seed)
 
     # the policy (and, with --beta, the frozen reference it is kept near)
@@ -403,13 +401,8 @@ def main(argv=None):
         for record in records:
             if core.check_trajectory_record(record) is None:
                 experts[str(record.get("id"))] = record
-    step = 0
     metrics_path = out / "metrics.jsonl"
-    if resume_from:
-        step = core.load_trainer_state(resume_from, optimizer, step_fn)["step"]
-        if dist.main:
-            core.trim_metrics(metrics_path, step)
-        print(f"train_grpo: resumed from {resume_from} at step {step}")
+    step = core.start_step(resume_from, optimizer, step_fn, metrics_path, dist.main, "train_grpo")
     if dist.main:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
         print(f"train_grpo: {len(tasks)} tasks, {args.tasks_per_step} x {args.group_size} samples per step, "

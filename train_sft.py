@@ -248,11 +248,7 @@ def main(argv=None):
     # the frozen base in bf16 on a GPU and trains fp32 adapters.
     dtype = torch.bfloat16 if (args.lora_rank and on_gpu) else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
-    resume_from = core.latest_checkpoint(out) if args.resume else None
-    if args.resume and resume_from is None and dist.main:
-        print(f"train_sft: --resume but no checkpoint in {out}; starting fresh")
-    elif not args.resume and core.latest_checkpoint(out) is not None:
-        raise SystemExit(f"train_sft: {out} already has checkpoints; pass --resume to continue, or another --out")
+    resume_from = core.resume_point(out, args.resume, "train_sft")
 
     torch.manual_seed(args.seed)   # the LoRA initialization
     # model: the base, or a full checkpoint to resume; LoRA adapters wrapped around the base
@@ -292,13 +288,8 @@ def main(argv=None):
           f"{n_train / 1e6:.2f}M trainable parameters ({'LoRA' if args.lora_rank else 'full'}) on {device}"
           + (f"; rank {dist.rank} of {dist.world} ({'FSDP2' if args.fsdp else 'DDP'})" if dist.world > 1 else ""))
 
-    step = 0
     metrics_path = out / "metrics.jsonl"
-    if resume_from:
-        step = core.load_trainer_state(resume_from, optimizer, step_fn)["step"]
-        if dist.main:
-            core.trim_metrics(metrics_path, step)
-        print(f"train_sft: resumed from {resume_from} at step {step}")
+    step = core.start_step(resume_from, optimizer, step_fn, metrics_path, dist.main, "train_sft")
     if dist.main:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
 

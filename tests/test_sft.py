@@ -288,3 +288,17 @@ def test_trim_metrics_drops_later_steps_and_a_half_written_line(tmp_path):
     path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n{"step": 3, "loss": 1.5}\n{"step": 4, "lo')
     core.trim_metrics(path, 2)
     assert path.read_text() == '{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.0}\n'
+
+
+def test_resume_point_refuses_a_used_folder_and_starts_fresh_on_an_empty_one(tmp_path, capsys):
+    assert core.resume_point(tmp_path, False, "train_sft") is None   # a new run in an empty folder
+    assert core.resume_point(tmp_path, True, "train_sft") is None
+    assert "--resume but no checkpoint" in capsys.readouterr().out
+    for step in (5, 10):
+        (tmp_path / f"step_{step:06d}").mkdir()
+        (tmp_path / f"step_{step:06d}" / "trainer.pt").write_bytes(b"")
+    (tmp_path / "step_000015").mkdir()   # cut short: no trainer.pt, not a checkpoint
+    with pytest.raises(SystemExit, match="already has checkpoints; pass --resume"):
+        core.resume_point(tmp_path, False, "train_grpo")
+    assert core.resume_point(tmp_path, True, "train_grpo").name == "step_000010"
+    assert core.start_step(None, None, None, tmp_path / "metrics.jsonl", True, "train_sft") == 0
