@@ -367,6 +367,19 @@ def main(argv=None):
     resume_from = core.resume_point(out, args.resume, "train_grpo")
     torch.manual_seed(args.seed)
 
+    # tasks and expert data, read before the model loads: a bad file stops the run in seconds
+    tasks = read_tasks(args.tasks, args.allow_no_image)
+    eval_tasks = read_tasks(args.eval_tasks, args.allow_no_image)[:args.eval_limit] if args.eval_tasks else None
+    experts, bad_experts = {}, 0
+    if args.expert_data:
+        with core.stop_on_bad_input("train_grpo"):
+            records = core.load_jsonl(args.expert_data)
+        for record in records:
+            if core.check_trajectory_record(record) is None:
+                experts[str(record.get("id"))] = record
+            else:
+                bad_experts += 1
+
     # the policy (and, with --beta, the frozen reference it is kept near)
     start = resume_from if (resume_from and not args.lora_rank) else args.model
     with core.stop_on_bad_input("train_grpo"):
@@ -388,26 +401,18 @@ def main(argv=None):
     params = core.trainable_parameters(policy.model)
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
 
-    # tasks, tools, reward, expert data
-    tasks = read_tasks(args.tasks, args.allow_no_image)
-    eval_tasks = read_tasks(args.eval_tasks, args.allow_no_image)[:args.eval_limit] if args.eval_tasks else None
+    # tools and reward
     toolbox = tools.Toolbox(cache=tools.cache_from_args(args)) if args.no_tools else \
         tools.toolbox_from_args(args, policy.crop_convention, policy.shown_size)
     endpoint = core.JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key) if args.metric == "judge" else None
-    experts = {}
-    if args.expert_data:
-        with core.stop_on_bad_input("train_grpo"):
-            records = core.load_jsonl(args.expert_data)
-        for record in records:
-            if core.check_trajectory_record(record) is None:
-                experts[str(record.get("id"))] = record
     metrics_path = out / "metrics.jsonl"
     step = core.start_step(resume_from, optimizer, step_fn, metrics_path, dist.main, "train_grpo")
     if dist.main:
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
         print(f"train_grpo: {len(tasks)} tasks, {args.tasks_per_step} x {args.group_size} samples per step, "
               f"{args.steps} steps, {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters on {device}; "
-              f"{len(experts)} expert trajectories" + (f"; rank 0 of {dist.world} (DDP)" if dist.world > 1 else ""))
+              f"{len(experts)} expert trajectories" + (f" ({bad_experts} unusable, skipped)" if bad_experts else "")
+              + (f"; rank 0 of {dist.world} (DDP)" if dist.world > 1 else ""))
 
     G = args.group_size
     bar = tqdm(total=args.steps, initial=step, desc="grpo", unit="step", disable=args.quiet or not dist.main)

@@ -137,34 +137,49 @@ def trajectory(policy, record):
     return record.get("_traj") or core.trajectory_from_record(policy, record, record["_root"])
 
 
-def load_sft_data(path, policy, max_length, skip_bad, quiet=False, cache_mb=0):
-    """Records checked and tokenized once: (records, lengths, loss tokens, counts). Bad records stop
-    the run with their line number and problem, or are skipped and counted with skip_bad. The built
-    trajectories are kept in record["_traj"] until they take cache_mb MB: rebuilding one every step
-    cost a sixth of a toy-world SFT step (image processor and tokenizer)."""
-    from tqdm.auto import tqdm
-    records, lengths, n_loss = [], [], []
-    cached = 0   # bytes of the trajectories kept
-    counts = {"records": 0, "bad": 0, "cut": 0, "dropped (too long)": 0, "kept": 0}
+def read_sft_records(path, skip_bad):
+    """The trajectory records of a JSONL file that pass core.check_trajectory_record, and the counts
+    so far; run before the model loads, so a bad file stops the run in seconds. A bad record stops
+    the run with its line number and problem, or is skipped and counted with skip_bad."""
     unreadable = [] if skip_bad else None   # lines that are not JSON objects: skipped and counted with skip_bad
     try:
         rows = core.load_jsonl(path, unreadable)
     except ValueError as e:
         raise SystemExit(f"train_sft: {e}. Fix the line, or pass --skip-bad to skip such lines.") from None
-    counts["records"] = counts["bad"] = len(unreadable or [])
-    for record in tqdm(rows, desc=f"checking {Path(path).name}", disable=quiet):
-        counts["records"] += 1
+    bad = len(unreadable or [])
+    counts = {"records": bad + len(rows), "bad": bad, "cut": 0, "dropped (too long)": 0, "kept": 0}
+    records = []
+    for record in rows:
         problem = core.check_trajectory_record(record)
         if problem is None:
-            try:
-                traj, record_fit = cut_to_fit(policy, record, max_length)
-            except ValueError as e:
-                problem = str(e)
-        if problem is not None:
-            if not skip_bad:
-                raise SystemExit(f"train_sft: {path}:{record['_line']}: {problem}. Fix the record, or pass "
-                                 "--skip-bad to skip such records.")
-            counts["bad"] += 1
+            records.append(record)
+        else:
+            skip_or_stop(path, record, problem, skip_bad, counts)
+    return records, counts
+
+
+def skip_or_stop(path, record, problem, skip_bad, counts):
+    """A bad record: counted with skip_bad, else the run stops naming its line and problem."""
+    if not skip_bad:
+        raise SystemExit(f"train_sft: {path}:{record['_line']}: {problem}. Fix the record, or pass "
+                         "--skip-bad to skip such records.")
+    counts["bad"] += 1
+
+
+def load_sft_data(path, policy, max_length, skip_bad, quiet=False, cache_mb=0, read=None):
+    """Records checked and tokenized once: (records, lengths, loss tokens, counts). read: what
+    read_sft_records(path, skip_bad) returned, when the caller read the file before loading the model.
+    The built trajectories are kept in record["_traj"] until they take cache_mb MB: rebuilding one
+    every step cost a sixth of a toy-world SFT step (image processor and tokenizer)."""
+    from tqdm.auto import tqdm
+    rows, counts = read or read_sft_records(path, skip_bad)
+    records, lengths, n_loss = [], [], []
+    cached = 0   # bytes of the trajectories kept
+    for record in tqdm(rows, desc=f"tokenizing {Path(path).name}", disable=quiet):
+        try:
+            traj, record_fit = cut_to_fit(policy, record, max_length)
+        except ValueError as e:   # e.g. an image file that cannot be read
+            skip_or_stop(path, record, str(e), skip_bad, counts)
             continue
         if traj is None:
             counts["dropped (too long)"] += 1
@@ -250,6 +265,12 @@ def main(argv=None):
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
     resume_from = core.resume_point(out, args.resume, "train_sft")
 
+    # the data files read and checked before the model loads: a bad one stops the run in seconds
+    train_read = read_sft_records(args.data, args.skip_bad)
+    val_read = read_sft_records(args.val_data, True) if args.val_data else None
+    with core.stop_on_bad_input("train_sft"):
+        eval_tasks = core.load_jsonl(args.eval_tasks)[:args.eval_limit] if args.eval_tasks else None
+
     torch.manual_seed(args.seed)   # the LoRA initialization
     # model: the base, or a full checkpoint to resume; LoRA adapters wrapped around the base
     start = resume_from if (resume_from and not args.lora_rank) else args.model
@@ -270,17 +291,16 @@ def main(argv=None):
     params = core.trainable_parameters(policy.model)   # after distribute: FSDP2 replaces them
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
 
-    # data: checked and measured once, packed into micro-batches by token budget
+    # data: tokenized and measured once, packed into micro-batches by token budget
     records, lengths, n_loss, counts = load_sft_data(args.data, policy, args.max_length, args.skip_bad, args.quiet,
-                                                     args.cache_mb)
+                                                     args.cache_mb, read=train_read)
     filler = [trajectory(policy, records[0])]
     micro_batches = core.pack_by_tokens(lengths, args.batch_tokens)
     per_step = args.grad_accum * dist.world   # micro-batches per optimizer step, over all ranks
     per_epoch = math.ceil(len(micro_batches) / per_step)
     total = args.steps or max(1, round(args.epochs * per_epoch))
-    val = load_sft_data(args.val_data, policy, args.max_length, True, args.quiet, args.cache_mb)[:3] if args.val_data else None
-    with core.stop_on_bad_input("train_sft"):
-        eval_tasks = core.load_jsonl(args.eval_tasks)[:args.eval_limit] if args.eval_tasks else None
+    val = load_sft_data(args.val_data, policy, args.max_length, True, args.quiet, args.cache_mb,
+                        read=val_read)[:3] if args.val_data else None
     toolbox = tools.toolbox_from_args(args, policy.crop_convention, policy.shown_size) if eval_tasks else None
     print(f"train_sft: {counts['records']} records: {len(records)} used, {counts['bad']} bad (skipped), "
           f"{counts['cut']} cut at a turn boundary, {counts['dropped (too long)']} dropped as longer than "

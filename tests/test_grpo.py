@@ -225,3 +225,14 @@ def test_task_records_are_read_as_eval_reads_them(tmp_path):
     path.write_text(json.dumps({"id": "t", "question": "Q?", "answer": "x"}) + "\n{not json\n")
     with pytest.raises(SystemExit, match=r"train_grpo: .*tasks.jsonl:2: not valid JSON"):
         grpo.read_tasks(path, allow_no_image=True)
+
+
+def test_a_bad_task_file_stops_before_the_model_loads(tmp_path, monkeypatch):
+    def load_policy(*args, **kwargs):
+        raise AssertionError("the model was loaded before the task file was read")
+    monkeypatch.setattr(core, "load_policy", load_policy)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "t", "question": "Q?", "answers": ["x"]}) + "\n")   # no image
+    with pytest.raises(SystemExit, match="tasks.jsonl line 1: no image"):
+        grpo.main(["--model", str(tmp_path / "model"), "--tasks", str(tasks), "--out", str(tmp_path / "run"),
+                   "--no-tools"])

@@ -302,3 +302,13 @@ def test_resume_point_refuses_a_used_folder_and_starts_fresh_on_an_empty_one(tmp
         core.resume_point(tmp_path, False, "train_grpo")
     assert core.resume_point(tmp_path, True, "train_grpo").name == "step_000010"
     assert core.start_step(None, None, None, tmp_path / "metrics.jsonl", True, "train_sft") == 0
+
+
+def test_a_bad_data_file_stops_before_the_model_loads(tmp_path, monkeypatch):
+    def load_policy(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data file was read")
+    monkeypatch.setattr(core, "load_policy", load_policy)
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
+    with pytest.raises(SystemExit, match="sft.jsonl:1: no assistant turn"):
+        train_sft.main(["--model", str(tmp_path / "model"), "--data", str(path), "--out", str(tmp_path / "run")])
