@@ -420,7 +420,8 @@ def image_descriptor(image):
 class LocalImageSearch:
     """Nearest neighbours over an on-disk image index: a JSONL of `image, title, url, snippet`
     (image paths relative to the index file). Descriptors are computed once and cached in
-    `<index>.npy`. `embed_model` names a transformers image model (a folder or hub id with
+    `<index>.vectors.npz`, stamped with the index file's size and time and the descriptor.
+    `embed_model` names a transformers image model (a folder or hub id with
     `get_image_features`, e.g. a CLIP) to use instead of the numpy descriptor. `vectors`: the
     entries' descriptors when the caller has them already (the same pictures under other urls),
     saved as the cache instead of computed again."""
@@ -437,15 +438,17 @@ class LocalImageSearch:
                 raise ValueError(f"{self.index}:{e['_line']}: want at least 'image' (a path relative to the index)")
         self.embed = self._embedder(embed_model) if embed_model else image_descriptor
         stat = self.index.stat()
-        self.name = f"local:{self.index.resolve()}:{stat.st_size}-{stat.st_mtime_ns}" + (f":{embed_model}" if embed_model else "")
-        cache = self.index.with_name(self.index.name + (".emb.npy" if embed_model else ".npy"))
+        # this index file's version and the descriptor: the tool cache's key, and the vectors cache's stamp
+        stamp = f"{stat.st_size}-{stat.st_mtime_ns}" + (f":{embed_model}" if embed_model else "")
+        self.name = f"local:{self.index.resolve()}:{stamp}"
+        cache = self.index.with_name(self.index.name + ".vectors.npz")
         if vectors is not None:
             if len(vectors) != len(self.entries):
                 raise ValueError(f"LocalImageSearch: {len(vectors)} vectors for {len(self.entries)} entries of {self.index}")
             self.vectors = np.asarray(vectors, np.float32)
-            np.save(cache, self.vectors)
-        elif cache.exists() and cache.stat().st_mtime_ns >= self.index.stat().st_mtime_ns:
-            self.vectors = np.load(cache)
+            self._save(cache, stamp)
+        elif (cached := self._load(cache, stamp)) is not None:
+            self.vectors = cached
         else:
             root = self.index.parent
             vecs = []
@@ -456,7 +459,25 @@ class LocalImageSearch:
                 except OSError as err:   # missing or not an image
                     raise ValueError(f"{self.index}: cannot read the image of entry {e['image']!r}: {err}") from None
             self.vectors = np.stack(vecs) if vecs else np.zeros((0, 1), np.float32)
-            np.save(cache, self.vectors)
+            self._save(cache, stamp)
+
+    def _load(self, cache, stamp):
+        """The cached vectors if they were computed for this version of the index with this
+        descriptor (a replaced index or another embed_model computes them again), else None."""
+        try:
+            with np.load(cache) as saved:
+                if str(saved["stamp"]) == stamp and len(saved["vectors"]) == len(self.entries):
+                    return saved["vectors"]
+        except (OSError, ValueError, KeyError):   # no cache yet, or an unreadable one
+            pass
+        return None
+
+    def _save(self, cache, stamp):
+        # written whole, then renamed: an evaluation running beside this one never reads half a file
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, vectors=self.vectors, stamp=np.array(stamp))
+        os.replace(tmp, cache)
 
     @staticmethod
     def _embedder(name):

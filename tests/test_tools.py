@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import os
 import re
 import socket
 import threading
@@ -155,13 +156,21 @@ def test_local_image_search_finds_crops(tmp_path):
     scene.paste(Image.open(tmp_path / "stripes.png"), (64, 0))
     assert search.search(crop(scene, [0, 0, 64, 64], "abs"), 1)[0]["title"] == "green"
     assert search.search(crop(scene, [64, 0, 128, 64], "abs"), 1)[0]["title"] == "stripes"
-    assert (tmp_path / "images.jsonl.npy").exists()
+    assert (tmp_path / "images.jsonl.vectors.npz").exists()
     assert LocalImageSearch(tmp_path / "images.jsonl").search(Image.open(tmp_path / "blue.png"), 1)[0]["title"] == "blue"
     # the same pictures under other urls: the descriptors given, not computed (nor read from a cache)
     renamed = write_jsonl(tmp_path / "renamed.jsonl", [dict(r, url=r["url"] + "/2") for r in rows])
     given = LocalImageSearch(renamed, vectors=search.vectors)
     assert given.search(Image.open(tmp_path / "red.png"), 1)[0]["url"] == "http://local/red/2"
-    assert np.array_equal(np.load(tmp_path / "renamed.jsonl.npy"), search.vectors)
+    assert np.array_equal(LocalImageSearch(renamed).vectors, search.vectors)   # read back from its cache
+    # an index replaced by another, even one with an older file time (cp -p, rsync): computed again
+    index = tmp_path / "images.jsonl"
+    old_time = index.stat().st_mtime_ns - 10**9
+    write_jsonl(index, rows[::-1])
+    os.utime(index, ns=(old_time, old_time))
+    assert LocalImageSearch(index).search(Image.open(tmp_path / "red.png"), 1)[0]["title"] == "red"
+    (tmp_path / "images.jsonl.vectors.npz").write_bytes(b"half a file")   # an unreadable cache: computed again
+    assert LocalImageSearch(index).search(Image.open(tmp_path / "green.png"), 1)[0]["title"] == "green"
     with pytest.raises(ValueError, match="3 vectors for 4 entries"):
         LocalImageSearch(renamed, vectors=search.vectors[:3])
 
@@ -181,7 +190,10 @@ def test_local_image_search_with_an_embedding_model(tmp_path):
         rows.append({"image": f"{name}.png", "title": name, "url": f"http://local/{name}"})
     search = LocalImageSearch(write_jsonl(tmp_path / "images.jsonl", rows), embed_model=str(tmp_path / "clip"))
     assert search.search(Image.open(tmp_path / "green.png"), 1)[0]["title"] == "green"
-    assert (tmp_path / "images.jsonl.emb.npy").exists() and search.name.startswith("local:")
+    assert (tmp_path / "images.jsonl.vectors.npz").exists() and search.name.startswith("local:")
+    # the numpy descriptor on the same index: its own vectors, not the CLIP ones in the cache
+    plain = LocalImageSearch(tmp_path / "images.jsonl")
+    assert plain.vectors.shape[1] != search.vectors.shape[1] and plain.name != search.name
 
 
 # ---------------------------------------------------------------------------------------------- HTTP backends
