@@ -1,10 +1,13 @@
 """GRPO for the multimodal search agent: rollouts with tools, rewards, leave-one-out advantages,
 turn / over-turn / anomaly masking, a clipped policy loss, optional KL and AHPO expert term.
 
-    # CPU, the toy world, from the SFT checkpoint (minutes)
+    # CPU, the toy world, from the SFT checkpoint: the main command's GRPO stage (~2 minutes), with
+    # the tools showing what the world's SFT data showed (one result, 60-character passages, 112-px crops)
     python train_grpo.py --model runs/sft_toy/final --tasks data/toyworld/out/train.jsonl \
-        --eval-tasks data/toyworld/out/test.jsonl --corpus data/toyworld/out/corpus.jsonl \
-        --image-index data/toyworld/out/images.jsonl --out runs/grpo_toy --steps 60 --lr 3e-4 --temperature 0.7
+        --eval-tasks data/toyworld/out/val.jsonl --corpus data/toyworld/out/corpus.jsonl \
+        --image-index data/toyworld/out/images.jsonl --k 1 --visit-chars 60 --crop-upscale 112 \
+        --system "$(cat data/toyworld/out/system.txt)" --max-new-tokens 96 --max-context 4096 \
+        --out runs/grpo_toy --steps 25 --lr 3e-4 --temperature 0.7
     # one GPU, Qwen2.5-VL-3B from its SFT checkpoint, a real engine and an LLM judge
     SERPER_API_KEY=... python train_grpo.py --model runs/sft_3b/final --tasks train.jsonl --eval-tasks val.jsonl \
         --backend serper --image-host-dir /srv/www/q --image-host-url https://example.org/q \
