@@ -1,11 +1,11 @@
 """Run the agent on a benchmark file, score it, and write results, a summary table and an HTML report.
 
     # the toy world, offline, on CPU: the model of train_grpo.py's toy example, with the tools and
-    # the prompt the world's SFT data showed (as the main command's evaluations run)
+    # the prompt the world's SFT data showed: the main command's evaluation (its GRPO model scores 0.388)
     python eval.py --model runs/grpo_toy/final --data data/toyworld/out/test.jsonl \
         --backend local --corpus data/toyworld/out/corpus.jsonl --image-index data/toyworld/out/images.jsonl \
         --k 1 --visit-chars 60 --crop-upscale 112 --system "$(cat data/toyworld/out/system.txt)" \
-        --max-new-tokens 96 --max-context 4096 --batch 320 --out runs/eval_toy --html runs/eval_toy/report.html
+        --max-new-tokens 96 --max-context 4096 --max-turns 8 --batch 320 --out runs/eval_toy --html runs/eval_toy/report.html
     # a real model and engine, judged by an LLM, 4 samples each (avg@4, pass@4)
     SERPER_API_KEY=... python eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --data infoseek.jsonl \
         --backend serper --image-host-dir /srv/www/q --image-host-url https://example.org/q \

@@ -155,6 +155,8 @@ def read_sft_records(path, skip_bad):
             records.append(record)
         else:
             skip_or_stop(path, record, problem, skip_bad, counts)
+    if not records:
+        raise SystemExit(f"train_sft: no usable records in {path} ({counts})")
     return records, counts
 
 
