@@ -2255,6 +2255,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")   # where collectives' tensors live: NCCL takes only CUDA ones
 
     @property
     def main(self):
@@ -2264,7 +2265,7 @@ class Dist:
         """A number summed over the ranks."""
         if self.world == 1:
             return value
-        t = torch.tensor(float(value), dtype=torch.float64)
+        t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return t.item()
 
@@ -2295,7 +2296,7 @@ def init_distributed(device=None):
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(torch.distributed.get_rank(), world, local), device
+    return Dist(torch.distributed.get_rank(), world, local, device), device
 
 
 class LossStep(torch.nn.Module):

@@ -97,3 +97,19 @@ def test_grpo_two_ranks_log_the_union_of_rollouts(colour_world, tmp_path):
     assert (out / "final" / "model.safetensors").exists() and (out / "step_000002").exists()
     with pytest.raises(SystemExit):
         grpo.parse_args(grpo_flags(colour_world, out, 3) + ["--fsdp"])
+
+
+def test_collectives_put_their_tensors_on_the_ranks_device(monkeypatch):
+    """NCCL (torchrun on GPUs) takes only CUDA tensors: a sum over ranks must build its tensor on
+    the rank's device, not on the CPU. Checked without a GPU: the device is recorded, not used."""
+    import mmsearch_r1 as core
+    seen = []
+
+    def all_reduce(t):
+        seen.append(t.device)
+        raise StopIteration
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    with pytest.raises(StopIteration):
+        core.Dist(rank=0, world=2, local_rank=0, device=torch.device("meta")).sum(3)
+    assert seen == [torch.device("meta")]
+    assert core.Dist().sum(3) == 3   # one process: no collective
