@@ -2055,8 +2055,9 @@ def save_checkpoint(out_dir, step, policy, optimizer, state, args, keep_last=Non
     final, tmp = out_dir / f"step_{step:06d}", out_dir / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_weights(policy, tmp, base=args.get("model"), state_dict=full[0])
+    # this process's GPU only: get_rng_state_all would open a CUDA context on every visible GPU
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     optim = {"optimizer": optimizer.state_dict()} if full[1] is None else {"optimizer_full": full[1]}
     torch.save({**optim, "rng": rng, **state}, tmp / "trainer.pt")
     (tmp / "args.json").write_text(json.dumps(args, indent=2, default=str))
@@ -2138,7 +2139,9 @@ def load_trainer_state(folder, optimizer, step=None):
     """Restore the optimizer and RNG states saved by save_checkpoint; returns the loop state.
     step: the (sharded) training module, needed when the run shards its parameters."""
     import random
-    state = torch.load(Path(folder) / "trainer.pt", weights_only=False)
+    # onto the CPU (the optimizer moves its state to each parameter's device): saved from rank 0's
+    # GPU, the whole optimizer state would otherwise land on GPU 0 in every rank
+    state = torch.load(Path(folder) / "trainer.pt", weights_only=False, map_location="cpu")
     if (step is not None and is_sharded(step)) != ("optimizer_full" in state):
         raise SystemExit(f"{folder} was saved by a run {'with' if 'optimizer_full' in state else 'without'} --fsdp; "
                          "resume it the same way (any number of ranks)")
@@ -2150,7 +2153,7 @@ def load_trainer_state(folder, optimizer, step=None):
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        torch.cuda.set_rng_state(rng["cuda"])
     return state
 
 

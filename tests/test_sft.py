@@ -312,3 +312,22 @@ def test_a_bad_data_file_stops_before_the_model_loads(tmp_path, monkeypatch):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"}]}) + "\n")
     with pytest.raises(SystemExit, match="sft.jsonl:1: no assistant turn"):
         train_sft.main(["--model", str(tmp_path / "model"), "--data", str(path), "--out", str(tmp_path / "run")])
+
+
+def test_checkpoint_state_is_read_onto_the_cpu_and_keeps_one_gpu_rng(policy, tmp_path, monkeypatch):
+    """What a GPU run saves and resumes, checked without a GPU: only this process's CUDA RNG state
+    (get_rng_state_all would open a context on every visible GPU), and trainer.pt read with
+    map_location="cpu" (the optimizer moves its state to the parameters' devices)."""
+    state = torch.tensor([7], dtype=torch.uint8)
+    restored, loads = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    for every_gpu in ("get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, every_gpu, lambda *a: pytest.fail(f"{every_gpu} touches every GPU"))
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("map_location")) or real_load(*a, **kw))
+    optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
+    folder = core.save_checkpoint(tmp_path, 3, policy, optimizer, {"step": 3}, {"model": "m"})
+    assert core.load_trainer_state(folder, optimizer)["step"] == 3
+    assert loads == ["cpu"] and len(restored) == 1 and torch.equal(restored[0], state)
