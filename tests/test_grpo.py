@@ -236,3 +236,17 @@ def test_a_bad_task_file_stops_before_the_model_loads(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="tasks.jsonl line 1: no image"):
         grpo.main(["--model", str(tmp_path / "model"), "--tasks", str(tasks), "--out", str(tmp_path / "run"),
                    "--no-tools"])
+
+
+def test_rollouts_run_under_the_updates_autocast(monkeypatch):
+    """On a GPU the update runs under bf16 autocast; the samples must come from that distribution
+    too (and at bf16 speed). Checked on CPU with a CPU autocast standing in for the GPU's."""
+    seen = []
+
+    def rollout(policy, tasks, toolbox, n, **kw):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return []
+    monkeypatch.setattr(core, "rollout", rollout)
+    args = grpo.parse_args(["--model", "m", "--tasks", __file__, "--no-tools"])
+    grpo.rollout_and_score(None, [], None, args, 0, None, None, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert seen == [True]
