@@ -2111,14 +2111,14 @@ def latest_checkpoint(out_dir):
     return found[-1] if found else None
 
 
-def resume_point(out_dir, resume, who):
-    """The checkpoint a run continues from: with --resume the newest in out_dir (None, said aloud,
-    when there is none yet); without it a folder that has checkpoints is refused, so a new run
-    never mixes its checkpoints and metrics with an old one's."""
+def resume_point(out_dir, resume, who, main=True):
+    """The checkpoint a run continues from: with --resume the newest in out_dir (None, said aloud by
+    the main process, when there is none yet); without it a folder that has checkpoints is refused,
+    so a new run never mixes its checkpoints and metrics with an old one's."""
     found = latest_checkpoint(out_dir)
     if not resume and found is not None:
         raise SystemExit(f"{who}: {out_dir} already has checkpoints; pass --resume to continue, or another --out")
-    if resume and found is None:
+    if resume and found is None and main:
         print(f"{who}: --resume but no checkpoint in {out_dir}; starting fresh")
     return found if resume else None
 

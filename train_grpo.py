@@ -370,7 +370,7 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     dtype = torch.bfloat16 if (args.lora_rank and on_gpu) else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
-    resume_from = core.resume_point(out, args.resume, "train_grpo")
+    resume_from = core.resume_point(out, args.resume, "train_grpo", dist.main)
     torch.manual_seed(args.seed)
 
     # tasks and expert data, read before the model loads: a bad file stops the run in seconds

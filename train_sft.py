@@ -265,7 +265,7 @@ def main(argv=None):
     # the frozen base in bf16 on a GPU and trains fp32 adapters.
     dtype = torch.bfloat16 if (args.lora_rank and on_gpu) else torch.float32
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu else contextlib.nullcontext
-    resume_from = core.resume_point(out, args.resume, "train_sft")
+    resume_from = core.resume_point(out, args.resume, "train_sft", dist.main)
 
     # the data files read and checked before the model loads: a bad one stops the run in seconds
     train_read = read_sft_records(args.data, args.skip_bad)
