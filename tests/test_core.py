@@ -289,3 +289,19 @@ def test_hub_id_offline_fails_fast(monkeypatch):
     with pytest.raises(FileNotFoundError, match="hub is not reachable and it is not in the local cache"):
         core.load_policy("no-such-org/no-such-model")
     assert time.monotonic() - t0 < 10
+
+
+def test_models_load_without_hub_kernels(tiny_dir, monkeypatch):
+    """transformers 5.25 turns hub kernels on unless told otherwise (it then needs the `kernels`
+    package and swaps layers for downloaded code); load_policy must say use_kernels=False. CI runs
+    an older transformers, where the flag is a no-op, so the keyword itself is checked."""
+    from transformers import AutoModelForImageTextToText
+    seen = []
+    real = AutoModelForImageTextToText.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        seen.append(kwargs.get("use_kernels"))
+        return real(cls, *args, **kwargs)
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", classmethod(from_pretrained))
+    core.load_policy(tiny_dir, device="cpu")
+    assert seen == [False]
