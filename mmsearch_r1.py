@@ -1034,6 +1034,7 @@ class KVBatch:
                 layers.append(layer)
         for b, r in enumerate(rows):
             self.mask[b, T - r.n_cached:] = 1
+            r.kv = None   # the batch holds them now (split_off hands each row its own back): one copy, not two
         self.cache = Cache(layers=layers) if layers else Cache(layer_class_to_replicate=layer_class)
 
     def split_off(self, done):

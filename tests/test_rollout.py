@@ -189,6 +189,22 @@ def test_roomy_cache_layer_equals_concatenation():
     assert torch.equal(k, want) and torch.equal(v, -want)
 
 
+def test_a_phase_holds_one_copy_of_each_rows_cache():
+    """Stacking the rows into a batch cache moves their keys/values (the rows let go of theirs);
+    splitting a row off hands it back exactly its own, without the padding."""
+    rows = []
+    for n in (3, 5):
+        row = core.Row(traj=None, task={}, n_cached=n)
+        row.kv = [(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4)) for _ in range(2)]   # 2 layers
+        rows.append(row)
+    before = [[(k.clone(), v.clone()) for k, v in r.kv] for r in rows]
+    batch = core.KVBatch(rows, "cpu")
+    assert all(r.kv is None for r in rows)
+    batch.split_off([0, 1])
+    for r, kv in zip(rows, before):
+        assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(r.kv, kv))
+
+
 def test_cache_reuse_equals_reencoding_every_turn(policy, monkeypatch):
     """Each turn prefills only the new segment onto the rows' caches; forgetting the caches before
     every turn (tests/bench_rollout.py's baseline, so the benchmark keeps running) re-runs the
