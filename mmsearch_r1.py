@@ -1690,6 +1690,21 @@ def multiple_choice(record, question, answers):
     return f"{question}\n\nOptions:\n{shown}\nAnswer with the option's letter.", options, list(dict.fromkeys(letters))
 
 
+def read_tasks(path, who, allow_no_image=False):
+    """A task JSONL read as eval.py reads benchmarks (task_from_record), for the trainers' training
+    and periodic-eval tasks: a bad record stops the run before training, naming its line."""
+    tasks = []
+    with stop_on_bad_input(who):
+        rows = load_jsonl(path)
+    for row in rows:
+        try:
+            tasks.append(task_from_record(row, row["_root"], allow_no_image=allow_no_image,
+                                          default_id=str(row["_line"])))
+        except ValueError as e:
+            raise SystemExit(f"{who}: {path} line {row['_line']}: {e}") from None
+    return tasks
+
+
 def task_from_record(record, root, image_root=None, image_ext=None, allow_no_image=False, inline_dir=None,
                      fetch=None, default_id=None):
     """A benchmark record -> our task {id, question, answers, image, _root, [options], [answer_ranges]}

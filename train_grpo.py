@@ -344,21 +344,6 @@ def micro_loss(policy, reference, batch, old_logp, adv, args, norm):
     return loss, logp.detach(), ent.detach(), s, kl
 
 
-def read_tasks(path, allow_no_image=False):
-    """Task JSONL read as eval.py reads benchmarks (`core.task_from_record`); a bad record stops
-    the run before training, naming its line."""
-    tasks = []
-    with core.stop_on_bad_input("train_grpo"):
-        rows = core.load_jsonl(path)
-    for row in rows:
-        try:
-            tasks.append(core.task_from_record(row, row["_root"], allow_no_image=allow_no_image,
-                                               default_id=str(row["_line"])))
-        except ValueError as e:
-            raise SystemExit(f"train_grpo: {path} line {row['_line']}: {e}") from None
-    return tasks
-
-
 def main(argv=None):
     args = parse_args(argv)
     from tqdm.auto import tqdm
@@ -374,8 +359,9 @@ def main(argv=None):
     torch.manual_seed(args.seed)
 
     # tasks and expert data, read before the model loads: a bad file stops the run in seconds
-    tasks = read_tasks(args.tasks, args.allow_no_image)
-    eval_tasks = read_tasks(args.eval_tasks, args.allow_no_image)[:args.eval_limit] if args.eval_tasks else None
+    tasks = core.read_tasks(args.tasks, "train_grpo", args.allow_no_image)
+    eval_tasks = core.read_tasks(args.eval_tasks, "train_grpo", args.allow_no_image)[:args.eval_limit] \
+        if args.eval_tasks else None
     experts, bad_experts = {}, 0
     if args.expert_data:
         with core.stop_on_bad_input("train_grpo"):

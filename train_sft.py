@@ -270,8 +270,7 @@ def main(argv=None):
     # the data files read and checked before the model loads: a bad one stops the run in seconds
     train_read = read_sft_records(args.data, args.skip_bad)
     val_read = read_sft_records(args.val_data, True) if args.val_data else None
-    with core.stop_on_bad_input("train_sft"):
-        eval_tasks = core.load_jsonl(args.eval_tasks)[:args.eval_limit] if args.eval_tasks else None
+    eval_tasks = core.read_tasks(args.eval_tasks, "train_sft")[:args.eval_limit] if args.eval_tasks else None
 
     torch.manual_seed(args.seed)   # the LoRA initialization
     # model: the base, or a full checkpoint to resume; LoRA adapters wrapped around the base

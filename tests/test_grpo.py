@@ -219,12 +219,12 @@ def test_task_records_are_read_as_eval_reads_them(tmp_path):
     path = tmp_path / "tasks.jsonl"
     path.write_text(json.dumps({"id": "t", "question": "Q?", "answer": "x", "answer_eval": ["x", "ex"]}) + "\n")
     with pytest.raises(SystemExit, match="tasks.jsonl line 1: no image"):
-        grpo.read_tasks(path)
-    (task,) = grpo.read_tasks(path, allow_no_image=True)
+        core.read_tasks(path, "train_grpo")
+    (task,) = core.read_tasks(path, "train_grpo", allow_no_image=True)
     assert task["answers"] == ["x", "ex"] and task["image"] == []
     path.write_text(json.dumps({"id": "t", "question": "Q?", "answer": "x"}) + "\n{not json\n")
     with pytest.raises(SystemExit, match=r"train_grpo: .*tasks.jsonl:2: not valid JSON"):
-        grpo.read_tasks(path, allow_no_image=True)
+        core.read_tasks(path, "train_grpo", allow_no_image=True)
 
 
 def test_a_bad_task_file_stops_before_the_model_loads(tmp_path, monkeypatch):

@@ -331,3 +331,13 @@ def test_checkpoint_state_is_read_onto_the_cpu_and_keeps_one_gpu_rng(policy, tmp
     folder = core.save_checkpoint(tmp_path, 3, policy, optimizer, {"step": 3}, {"model": "m"})
     assert core.load_trainer_state(folder, optimizer)["step"] == 3
     assert loads == ["cpu"] and len(restored) == 1 and torch.equal(restored[0], state)
+
+
+def test_eval_tasks_are_read_as_eval_reads_them_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
+    path, _ = make_records(tmp_path, 2)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "t", "question": "Q?", "answer": "x"}) + "\n")   # no image
+    monkeypatch.setattr(core, "load_policy", lambda *a, **k: pytest.fail("the model loaded first"))
+    with pytest.raises(SystemExit, match="train_sft: .*tasks.jsonl line 1: no image"):
+        train_sft.main(["--model", str(tiny_dir), "--data", str(path), "--out", str(tmp_path / "run"),
+                        "--eval-tasks", str(tasks), "--corpus", str(path), "--quiet"])
