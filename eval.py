@@ -98,9 +98,7 @@ def read_results(path):
             bad.append(n)
     if bad:
         print(f"eval: {path}: dropped {len(bad)} unreadable line(s) ({', '.join(map(str, bad[:10]))}); they are redone")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in good), encoding="utf-8")
-        tmp.replace(path)
+        core.write_jsonl(path, good)
     return good
 
 
@@ -239,6 +237,7 @@ def main(argv=None):
     done_ids = {r["id"] for r in done}
     todo = [t for t in tasks if t["id"] not in done_ids]
     endpoint = core.JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key) if args.metric == "judge" else None
+    toolbox = tools.toolbox_from_args(args)   # before the model: a bad corpus or index stops the run in seconds
     with core.stop_on_bad_input("eval"):
         policy = core.load_policy(args.model, device=args.device, dtype=args.dtype, min_pixels=args.min_pixels,
                                   max_pixels=args.max_pixels, crop_max_pixels=args.crop_max_pixels)
@@ -251,8 +250,7 @@ def main(argv=None):
     if args.n > 1 and sampling["temperature"] == 0:
         raise SystemExit(f"eval: --n {args.n} at temperature 0 gives {args.n} identical samples (pass@n == avg@n); "
                          "pass --temperature, e.g. 0.7")
-    toolbox = tools.Toolbox(cache=tools.cache_from_args(args)) if args.no_tools else \
-        tools.toolbox_from_args(args, policy.crop_convention, policy.shown_size)
+    toolbox.for_policy(policy)
     print(f"eval: {len(tasks)} examples, {len(done_ids & {t['id'] for t in tasks})} already done, {len(todo)} to run")
 
     with open(results_path, "a", encoding="utf-8") as f:

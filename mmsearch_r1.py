@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 import tools
-from tools import TOOL_SCHEMAS, load_jsonl   # load_jsonl: core.load_jsonl to the scripts
+from tools import TOOL_SCHEMAS, load_jsonl, write_jsonl   # core.load_jsonl / write_jsonl to the scripts
 
 # ----------------------------------------------------------------------------------------------
 # 1. Device, dtype, model families, load_policy
@@ -2235,11 +2235,12 @@ def trim_metrics(path, step):
     kept = []
     for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
         try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
+            row = json.loads(line)
+            if row["step"] <= step:
+                kept.append(row)
         except (ValueError, KeyError, TypeError):   # the line the run was writing when it was killed
             pass
-    path.write_text("".join(line + "\n" for line in kept))
+    write_jsonl(path, kept)
 
 
 def save_final(policy, out_dir, base=None, state_dict=None):

@@ -345,6 +345,21 @@ def load_jsonl(path, bad=None):
     return rows
 
 
+def write_jsonl(path, rows):
+    """All rows or none: written to a temporary file, then renamed over `path`, so a run killed
+    midway never leaves a half-written file that reads as finished."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # pid: two writers never share one
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)   # only there if the writing stopped midway
+    return path
+
+
 def words(text):
     return re.findall(r"\w+", text.lower())
 
@@ -1103,6 +1118,12 @@ class Toolbox:
         self.lock = threading.Lock()
         self.stats = {name: Counter() for name in TOOL_NAMES}
 
+    def for_policy(self, policy):
+        """Crop boxes in this policy's convention, read on images as it is shown them. The scripts
+        build the toolbox before the model loads (a bad --corpus stops them in seconds), then this."""
+        self.convention, self.shown_size = policy.crop_convention, policy.shown_size
+        return self
+
     @property
     def schemas(self):
         """The tool schemas this run offers (what the system prompt shows)."""
@@ -1296,8 +1317,11 @@ def check_tool_args(args):
             raise SystemExit(f"--backend {args.backend}: {e} (or replay cached results with --cache-only)") from None
 
 
-def toolbox_from_args(args, convention, shown_size):
-    """The Toolbox the tool flags describe, for a policy with this crop convention and shown_size."""
+def toolbox_from_args(args, convention="abs", shown_size=None):
+    """The Toolbox the tool flags describe (with --no-tools, one that only caches), for a policy with
+    this crop convention and shown_size (or `Toolbox.for_policy` once the policy is loaded)."""
+    if getattr(args, "no_tools", False):
+        return Toolbox(cache=cache_from_args(args))
     check_tool_args(args)
     host = ImageHost(args.image_host_dir, args.image_host_url) if args.image_host_dir else None
     if args.backend == "local":

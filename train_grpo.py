@@ -358,7 +358,7 @@ def main(argv=None):
     resume_from = core.resume_point(out, args.resume, "train_grpo", dist.main)
     torch.manual_seed(args.seed)
 
-    # tasks and expert data, read before the model loads: a bad file stops the run in seconds
+    # tasks, expert data and tools, read before the model loads: a bad file stops the run in seconds
     tasks = core.read_tasks(args.tasks, "train_grpo", args.allow_no_image)
     eval_tasks = core.read_tasks(args.eval_tasks, "train_grpo", args.allow_no_image)[:args.eval_limit] \
         if args.eval_tasks else None
@@ -371,6 +371,7 @@ def main(argv=None):
                 experts[str(record.get("id"))] = record
             else:
                 bad_experts += 1
+    toolbox = tools.toolbox_from_args(args)   # indexes a local corpus: a bad one stops the run here too
 
     # the policy (and, with --beta, the frozen reference it is kept near)
     start = resume_from if (resume_from and not args.lora_rank) else args.model
@@ -394,8 +395,7 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
 
     # tools and reward
-    toolbox = tools.Toolbox(cache=tools.cache_from_args(args)) if args.no_tools else \
-        tools.toolbox_from_args(args, policy.crop_convention, policy.shown_size)
+    toolbox.for_policy(policy)
     endpoint = core.JudgeEndpoint(args.judge_url, args.judge_model, args.judge_key) if args.metric == "judge" else None
     metrics_path = out / "metrics.jsonl"
     step = core.start_step(resume_from, optimizer, step_fn, metrics_path, dist.main, "train_grpo")

@@ -271,6 +271,7 @@ def main(argv=None):
     train_read = read_sft_records(args.data, args.skip_bad)
     val_read = read_sft_records(args.val_data, True) if args.val_data else None
     eval_tasks = core.read_tasks(args.eval_tasks, "train_sft")[:args.eval_limit] if args.eval_tasks else None
+    toolbox = tools.toolbox_from_args(args) if eval_tasks else None   # indexes a local corpus
 
     torch.manual_seed(args.seed)   # the LoRA initialization
     # model: the base, or a full checkpoint to resume; LoRA adapters wrapped around the base
@@ -302,7 +303,8 @@ def main(argv=None):
     total = args.steps or max(1, round(args.epochs * per_epoch))
     val = load_sft_data(args.val_data, policy, args.max_length, True, args.quiet, args.cache_mb,
                         read=val_read)[:3] if args.val_data else None
-    toolbox = tools.toolbox_from_args(args, policy.crop_convention, policy.shown_size) if eval_tasks else None
+    if toolbox:
+        toolbox.for_policy(policy)
     print(f"train_sft: {counts['records']} records: {len(records)} used, {counts['bad']} bad (skipped), "
           f"{counts['cut']} cut at a turn boundary, {counts['dropped (too long)']} dropped as longer than "
           f"{args.max_length} tokens, {counts['kept']} kept in memory; {len(micro_batches)} micro-batches, {per_epoch} steps/epoch, {total} steps; "

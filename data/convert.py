@@ -147,12 +147,8 @@ def convert(records, root, out, image_root=None, limit=None):
         if "options" in task:
             row["options"] = task["options"]
         tasks.append(row)
-    with open(out / "tasks.jsonl", "w", encoding="utf-8") as f:
-        for row in tasks:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with open(out / "skipped.jsonl", "w", encoding="utf-8") as f:
-        for row in skipped:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    core.write_jsonl(out / "skipped.jsonl", skipped)
+    core.write_jsonl(out / "tasks.jsonl", tasks)
     return len(tasks), skipped
 
 

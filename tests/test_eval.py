@@ -306,7 +306,10 @@ def test_bad_flags_say_what_to_do(world, tiny_dir, tmp_path, extra, message, mon
 def test_tool_and_sampling_flags_are_checked_before_the_model_loads(world, tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(core, "load_policy", lambda *a, **k: pytest.fail("the model was loaded first"))
     monkeypatch.delenv("SERPAPI_API_KEY", raising=False)
+    broken = tmp_path / "corpus.jsonl"
+    broken.write_text('{"id": "1", "title": "t", "url": "u", "text": "x"}\n{not json\n')
     for extra, message in [(["--corpus", "/no/such.jsonl"], "--corpus /no/such.jsonl: no such file"),
+                           (["--corpus", str(broken)], "corpus.jsonl:2: not valid JSON"),   # read while indexing
                            (["--backend", "serpapi"], "set SERPAPI_API_KEY"),
                            (["--temperature", "-1"], "temperature -1.0")]:
         with pytest.raises(SystemExit, match=re.escape(message)):

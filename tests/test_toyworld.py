@@ -180,7 +180,7 @@ def test_a_world_file_is_written_whole_or_not_at_all(tmp_path):
         yield {"id": "a"}
         raise KeyboardInterrupt   # killed mid-write
     with pytest.raises(KeyboardInterrupt):
-        prepare_module().write_jsonl(tmp_path / "sft.jsonl", rows())
-    assert not (tmp_path / "sft.jsonl").exists()
-    prepare_module().write_jsonl(tmp_path / "sft.jsonl", [{"id": "a"}, {"id": "b"}])
+        core.write_jsonl(tmp_path / "sft.jsonl", rows())
+    assert list(tmp_path.iterdir()) == []   # neither the file nor its temporary one
+    core.write_jsonl(tmp_path / "sft.jsonl", [{"id": "a"}, {"id": "b"}])
     assert [r["id"] for r in core.load_jsonl(tmp_path / "sft.jsonl")] == ["a", "b"]

@@ -78,7 +78,6 @@ context, take the token after it; so that token should be rare there). README ha
 """
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -379,15 +378,15 @@ def main(argv=None):
         index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(page=e["page"]),
                       "snippet": f"{e['title']} (category {e['kind']}) in {e['city']}." if args.kind_tag
                       else f"{e['title']}, a {e['kind']} in {e['city']}."})
-    write_jsonl(out / "corpus.jsonl", corpus)
+    core.write_jsonl(out / "corpus.jsonl", corpus)
 
     ids = [e["page"] for e in entities]
 
     def version(years, pages):   # the corpus with landmark i's year years[i], at page id pages[i]
         return [dict(d, url=URL.format(page=p), text=d["text"].replace(f"completed in {e['year']}.", f"completed in {y}."))
                 for d, e, y, p in zip(corpus, entities, years, pages)]
-    write_jsonl(out / "corpus_moved.jsonl", version([moved_year(e["year"]) for e in entities], ids))
-    write_jsonl(out / "images.jsonl", index)
+    core.write_jsonl(out / "corpus_moved.jsonl", version([moved_year(e["year"]) for e in entities], ids))
+    core.write_jsonl(out / "images.jsonl", index)
 
     # 2. tasks: train/val on the seen landmarks; test on seen and unseen ones (new scenes in any case)
     order = list(range(len(entities)))
@@ -405,7 +404,7 @@ def main(argv=None):
     for task in train:   # the oracle answers these knowledge questions from memory (never a hard one)
         task["direct"] = task["type"] not in ("visual", "hard") and rng.random() < args.direct
     for split, rows in [("test", test), ("val", val), ("train", train)]:
-        write_jsonl(out / f"{split}.jsonl", rows)
+        core.write_jsonl(out / f"{split}.jsonl", rows)
 
     # 3. the tiny model, with a tokenizer trained on the world's text and the system prompt
     texts = [d["text"] for d in corpus] + [t["question"] for t in tasks] + [json.dumps(h) for h in index]
@@ -436,8 +435,8 @@ def main(argv=None):
     for v in range(REDATED):
         years = [redated_rng.choice(c) for c in choices]
         pages = renumber_rng.sample(ids, len(ids)) if args.renumber else ids
-        write_jsonl(out / "sft_pages" / f"corpus_{v}.jsonl", version(years, pages))
-        write_jsonl(out / "sft_pages" / f"images_{v}.jsonl",   # image paths are relative to the index
+        core.write_jsonl(out / "sft_pages" / f"corpus_{v}.jsonl", version(years, pages))
+        core.write_jsonl(out / "sft_pages" / f"images_{v}.jsonl",   # image paths are relative to the index
                     [dict(h, image=f"../{h['image']}", url=URL.format(page=p)) for h, p in zip(index, pages)])
         redated.append({"text": tools.LocalTextSearch(out / "sft_pages" / f"corpus_{v}.jsonl"),
                         "images": tools.LocalImageSearch(out / "sft_pages" / f"images_{v}.jsonl",   # same pictures
@@ -503,8 +502,8 @@ def main(argv=None):
         redated_records += [dict(r, pages=f"sft_pages/corpus_{v}.jsonl", answers=[years[r["id"]]]) for r in kept]
     records = sorted(records * args.views + redated_records, key=lambda r: r["id"])   # each habit keeps its share
     expert_records, _ = replay([r for r in rows if (r["id"], None) in experts], experts, "expert_crops")
-    write_jsonl(out / "expert.jsonl", expert_records)
-    write_jsonl(out / "sft.jsonl", records)   # last: run.py takes it as the sign that the world is complete
+    core.write_jsonl(out / "expert.jsonl", expert_records)
+    core.write_jsonl(out / "sft.jsonl", records)   # last: run.py takes it as the sign that the world is complete
     print(f"toy world in {out}: {len(entities)} landmarks ({len(unseen)} only in test), "
           f"{len(train)} train / {len(val)} val / {len(test)} test tasks")
     direct = sum(t["direct"] for t in train)
@@ -517,16 +516,6 @@ def main(argv=None):
           f"{len(records)} SFT trajectories, {len(expert_records)} expert (AHPO) trajectories")
     return {"train": len(train), "val": len(val), "test": len(test), "sft": len(records), "direct": direct,
             "expert": len(expert_records), "redated": len(redated_records), "recovered": recovered, "revised": revised, "oracle": {k: tuple(v) for k, v in stats.items()}}
-
-
-def write_jsonl(path, rows):
-    """All rows or none: written to a temporary file renamed over `path`, so a run killed midway
-    never leaves a half-written file that looks finished."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
