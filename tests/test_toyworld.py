@@ -174,6 +174,28 @@ def test_kind_tag_names_the_kind_where_the_think_copies_it(tmp_path):
     assert misses > 0
 
 
+def test_hard_kind_and_hard_memory(tmp_path):
+    """--hard-kind statue: every hard question asks for the scene's one statue. --hard-memory 1:
+    every hard oracle trajectory whose first corner shows another kind answers from memory there
+    (one crop, no visit); the others read the page."""
+    prepare_module().main(["--out", str(tmp_path), *HARD_ONLY, "--hard-kind", "statue", "--hard-memory", "1"])
+    kinds = [h["title"].split()[-1].lower() for h in core.load_jsonl(tmp_path / "images.jsonl")]   # entity i's
+    tasks = {t["id"]: t for t in core.load_jsonl(tmp_path / "train.jsonl")}
+    for t in tasks.values():
+        assert t["question"] == "In what year was the statue in this image completed?"
+        assert [kinds[m] == "statue" for m in t["corners"].values()].count(True) == 1 == (kinds[t["entity"]] == "statue")
+    ends = {"memory": 0, "read": 0}
+    for r in core.load_jsonl(tmp_path / "sft.jsonl"):
+        thinks = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        if "I know the statue in this image" in thinks[-1]:
+            assert len(thinks) == 3 and "The top result is a " in thinks[-1] and "<answer>" in thinks[-1]
+            ends["memory"] += 1
+        else:
+            assert f"the image's {tasks[r['id']]['corner']} corner" in thinks[0] and '"visit"' in thinks[-2]
+            ends["read"] += 1
+    assert ends["memory"] > 0 and ends["read"] > 0
+
+
 def test_a_world_file_is_written_whole_or_not_at_all(tmp_path):
     """run.py takes sft.jsonl as the sign of a finished world: a killed prepare.py must not leave half of it."""
     def rows():

@@ -190,9 +190,9 @@ def corner_box(corner):
     return [x - 4, y - 4, x + TILE + 4, y + TILE + 4]
 
 
-def make_task(t, kind_of_task, entities, pool, rng, out):
+def make_task(t, kind_of_task, entities, pool, rng, out, hard_kind=None):
     """One question with its image: a scene of corner landmarks for `crop` and `hard`, the
-    landmark's picture for the others."""
+    landmark's picture for the others. hard_kind: every hard question asks for a landmark of this kind."""
     corner = None
     if kind_of_task in ("crop", "hard"):
         if kind_of_task == "crop":   # two to four landmarks, full size; the question names the corner
@@ -200,6 +200,8 @@ def make_task(t, kind_of_task, entities, pool, rng, out):
             members = rng.sample(pool, len(corners))
         else:   # three landmarks of different kinds among clutter; the question names only the kind
             corners, members = rng.sample(list(CORNERS), 3), []
+            if hard_kind:   # the asked one first (its corner is random), then two of other kinds
+                members.append(rng.choice([m for m in pool if entities[m]["kind"] == hard_kind]))
             for m in rng.sample(pool, len(pool)):
                 if entities[m]["kind"] not in {entities[x]["kind"] for x in members}:
                     members.append(m)
@@ -214,7 +216,7 @@ def make_task(t, kind_of_task, entities, pool, rng, out):
         for c, m in zip(corners, members):
             box = corner_box(c)
             scene.paste(draw_entity(entities[m]["look"]), (box[0] + 4 + rng.randint(-2, 2), box[1] + 4 + rng.randint(-2, 2)))
-        target = rng.randrange(len(corners))
+        target = 0 if (kind_of_task == "hard" and hard_kind) else rng.randrange(len(corners))
         corner, m = corners[target], members[target]
         corners = dict(zip(corners, members))
     else:
@@ -241,7 +243,7 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, kind_tag=False):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, kind_tag=False, give_up=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -254,7 +256,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, k
     convention, see(corner or None) the image search's results on that crop (or the whole image),
     find(query) the text search's; by_url maps a url to its landmark as the pages read tell it
     (their year: a re-dated copy's own). `kind_tag`: the hard path's thinks copy the hit's kind
-    from the snippet's "(category gate)" and decide on the next token (see --kind-tag)."""
+    from the snippet's "(category gate)" and decide on the next token (see --kind-tag). `give_up`:
+    after a first corner whose top hit is of another kind, answer from memory (see --hard-memory)."""
     call = core.format_tool_call
     e = entities[task["entity"]]
     kind = e["kind"]
@@ -273,7 +276,11 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, k
             if found == kind or n == len(order):   # no corner left: the answer will be wrong and dropped
                 break
             think = (f"The top result is category {found}, not as asked." if kind_tag else
-                     f"The top result is a {found}, not a {kind}.") + f" I will try the image's {order[n]} corner."
+                     f"The top result is a {found}, not a {kind}.")
+            if give_up:
+                return turns + [f"<think>{think} I know the {kind} in this image: it is the {e['title']}.</think>\n"
+                                f"<answer>{task['answers'][0]}</answer>"]
+            think += f" I will try the image's {order[n]} corner."
         seen = f"category {kind}. As asked:" if kind_tag else f"a {kind}."
         turns.append(f"<think>The top result is {seen} I will read it.</think>\n"
                      + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
@@ -326,6 +333,12 @@ def main(argv=None):
                     "text search misspells the name, finds nothing and is revised")
     ap.add_argument("--right-first", type=float, default=0.0, help="share of hard oracle trajectories that crop the "
                     "asked corner first (the rest: the corners in a random order, as all are by default)")
+    ap.add_argument("--hard-memory", type=float, default=0.0, help="share of hard oracle trajectories whose first "
+                    "corner shows another kind that then answer from memory instead of trying another corner: a cold "
+                    "start that explores too little, as Mini-o3's does (memory answers fail on a tiny model)")
+    ap.add_argument("--hard-kind", default=None, choices=KINDS, help="every hard question asks for a landmark of "
+                    "this kind (the others in its scene are of other kinds): the hard path's check becomes 'is the "
+                    "top hit of this kind', no comparison with the question")
     ap.add_argument("--kind-tag", action="store_true", help="the image index's snippets name the kind after a word "
                     "nothing else uses ('Tasvor Gate (category gate) in Rengelville.') and the hard path's thinks "
                     "copy it from there, the decision on the next token: a kind a tiny model can copy (README)")
@@ -342,7 +355,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="random seed (the world is deterministic)")
     args = ap.parse_args(argv)
     shares = {"--test-fraction": args.test_fraction, "--val-fraction": args.val_fraction, "--unseen": args.unseen,
-              "--direct": args.direct, "--redated": args.redated, "--typos": args.typos, "--right-first": args.right_first}
+              "--direct": args.direct, "--redated": args.redated, "--typos": args.typos, "--right-first": args.right_first,
+              "--hard-memory": args.hard_memory}
     for flag, value in shares.items():
         if not 0 <= value <= 1:
             raise SystemExit(f"{flag} {value}: a share, want 0 to 1")
@@ -399,7 +413,7 @@ def main(argv=None):
         j = t if t < n_test else t - n_test if t < n_test + n_val else t - n_test - n_val   # index in its split
         kind_of_task = list(mix)[j] if j < len(mix) else rng.choices(list(mix), weights=list(mix.values()))[0]
         pool = (seen + unseen) if t < n_test else seen
-        tasks.append(make_task(t, kind_of_task, entities, pool, rng, out))
+        tasks.append(make_task(t, kind_of_task, entities, pool, rng, out, args.hard_kind))
     test, val, train = tasks[:n_test], tasks[n_test:n_test + n_val], tasks[n_test + n_val:]
     for task in train:   # the oracle answers these knowledge questions from memory (never a hard one)
         task["direct"] = task["type"] not in ("visual", "hard") and rng.random() < args.direct
@@ -445,6 +459,7 @@ def main(argv=None):
     rows = [dict(t, _root=str(out)) for t in train]
     scripts, experts, variant = {}, {}, {}   # scripts/experts[task id, view]; variant[view][task id]: the answer there
     typo_rng = random.Random(args.seed + 1)   # its own stream too
+    memory_rng = random.Random(args.seed + 4)  # and --hard-memory's
     shown_sizes = {}
     for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
@@ -455,12 +470,12 @@ def main(argv=None):
         def box(corner):
             return oracle_box(corner, policy.crop_convention, shown)
 
-        def oracle(view, order=(), typo=False):   # the oracle's turns, reading this view of the web
+        def oracle(view, order=(), typo=False, give_up=False):   # the oracle's turns, reading this view of the web
             def see(corner):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo, args.kind_tag)
+                                order, typo, args.kind_tag, give_up)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
@@ -468,7 +483,9 @@ def main(argv=None):
                 order = [task["corner"]] + [c for c in order if c != task["corner"]]
             experts[task["id"], None] = oracle(real, order=(task["corner"],))
         typo = task["type"] == "twohop" and typo_rng.random() < args.typos
-        searched = task["type"] != "visual" and not task["direct"]
+        # a miss answered from memory reads no page, so it answers the true year (no re-dated view)
+        give_up = bool(order) and order[0] != task["corner"] and memory_rng.random() < args.hard_memory
+        searched = task["type"] != "visual" and not task["direct"] and not give_up
         if searched and redated_rng.random() < args.redated:
             first = redated_rng.randrange(REDATED)
             views = [first] + redated_rng.sample([v for v in range(REDATED) if v != first], args.views - 1)
@@ -477,7 +494,7 @@ def main(argv=None):
                 variant.setdefault(v, {})[task["id"]] = redated[v]["years"][asked]
                 scripts[task["id"], v] = oracle(redated[v], order, typo)
         else:
-            scripts[task["id"], None] = oracle(real, order, typo)
+            scripts[task["id"], None] = oracle(real, order, typo, give_up)
 
     def replay(rows, scripts, crops, v=None):
         """The scripted turns (scripts[task id, v]) through the real rollout loop and tools on view v
