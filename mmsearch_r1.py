@@ -2314,8 +2314,11 @@ def init_distributed(device=None):
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not torch.distributed.is_initialized():   # NCCL bound to this rank's GPU: barrier() and the
+        if device.type == "cuda":                  # object collectives then never guess the device
+            torch.distributed.init_process_group("nccl", device_id=device)
+        else:
+            torch.distributed.init_process_group("gloo")
     return Dist(torch.distributed.get_rank(), world, local, device), device
 
 

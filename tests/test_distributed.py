@@ -113,3 +113,21 @@ def test_collectives_put_their_tensors_on_the_ranks_device(monkeypatch):
         core.Dist(rank=0, world=2, local_rank=0, device=torch.device("meta")).sum(3)
     assert seen == [torch.device("meta")]
     assert core.Dist().sum(3) == 3   # one process: no collective
+
+
+def test_nccl_is_bound_to_the_ranks_gpu(monkeypatch):
+    """Under torchrun on GPUs each rank joins NCCL bound to cuda:LOCAL_RANK (`device_id`), so a
+    barrier never runs on a guessed GPU. Checked without a GPU: CUDA and the process group stubbed."""
+    import mmsearch_r1 as core
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.append(("init", a, k)))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    dist, device = core.init_distributed("cuda")
+    cuda1 = torch.device("cuda", 1)
+    assert device == dist.device == cuda1 and dist.rank == 1 and dist.local_rank == 1
+    assert calls == [("set_device", cuda1), ("init", ("nccl",), {"device_id": cuda1})]
