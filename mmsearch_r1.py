@@ -1044,7 +1044,8 @@ class KVBatch:
         kvs = [(layer.keys, layer.values) for layer in self.cache.layers]
         for b in done:
             valid = self.mask[b].bool()
-            self.rows[b].kv = [(k[b:b + 1, :, valid].clone(), v[b:b + 1, :, valid].clone()) for k, v in kvs]
+            # boolean indexing copies: each row gets tensors of its own (no .clone(), a second copy)
+            self.rows[b].kv = [(k[b:b + 1, :, valid], v[b:b + 1, :, valid]) for k, v in kvs]
         keep = [b for b in range(len(self.rows)) if b not in set(done)]
         self.rows = [self.rows[b] for b in keep]
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
