@@ -277,7 +277,7 @@ def loss_weights(trajs, args):
     return weights, counts
 
 
-def rollout_and_score(policy, task_list, toolbox, args, seed, endpoint, cache, autocast):
+def rollout_and_score(policy, task_list, toolbox, args, seed, endpoint, autocast):
     """Roll out a group per task and score every sample: (trajectories, results lines, rewards).
     Under the update's autocast (bf16 on a GPU): the samples come from the distribution the update
     recomputes, at bf16 speed."""
@@ -288,7 +288,7 @@ def rollout_and_score(policy, task_list, toolbox, args, seed, endpoint, cache, a
     with autocast():
         trajs = core.rollout(policy, task_list, toolbox, **rollout_kw)
     G = args.group_size
-    lines = [core.score_samples(task, trajs[i * G:(i + 1) * G], args.metric, endpoint, cache, with_records=False,
+    lines = [core.score_samples(task, trajs[i * G:(i + 1) * G], args.metric, endpoint, toolbox.cache, with_records=False,
                                 format_weight=args.format_weight, search_penalty=args.search_penalty)
              for i, task in enumerate(task_list)]
     rewards = [s["reward"] for line in lines for s in line["samples"]]
@@ -420,13 +420,12 @@ def main(argv=None):
             mine = len(range(dist.rank, args.tasks_per_step, dist.world))            # this rank's number of groups
             task_list = pool[:mine]
             seed = ((args.seed * 1_000_003 + step) * 4) * dist.world + dist.rank * 4  # a sampling seed per step, rank, round
-            trajs, lines, rewards = rollout_and_score(policy, task_list, toolbox, args, seed, endpoint, toolbox.cache,
-                                                      autocast)
+            trajs, lines, rewards = rollout_and_score(policy, task_list, toolbox, args, seed, endpoint, autocast)
             drawn = len(task_list)
             while args.dynamic_sampling and sum(informative(rewards, G)) < mine and drawn < len(pool):
                 more = pool[drawn:drawn + mine]
                 seed += 1
-                t2, l2, r2 = rollout_and_score(policy, more, toolbox, args, seed, endpoint, toolbox.cache, autocast)
+                t2, l2, r2 = rollout_and_score(policy, more, toolbox, args, seed, endpoint, autocast)
                 trajs, lines, rewards, task_list, drawn = trajs + t2, lines + l2, rewards + r2, task_list + more, drawn + len(more)
             if args.dynamic_sampling:   # keep the informative groups first, up to tasks-per-step
                 flags = informative(rewards, G)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import mmsearch_r1 as core
+import tools
 import train_grpo as grpo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -248,5 +249,5 @@ def test_rollouts_run_under_the_updates_autocast(monkeypatch):
         return []
     monkeypatch.setattr(core, "rollout", rollout)
     args = grpo.parse_args(["--model", "m", "--tasks", __file__, "--no-tools"])
-    grpo.rollout_and_score(None, [], None, args, 0, None, None, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    grpo.rollout_and_score(None, [], tools.Toolbox(), args, 0, None, lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     assert seen == [True]
