@@ -206,3 +206,21 @@ def test_a_world_file_is_written_whole_or_not_at_all(tmp_path):
     assert list(tmp_path.iterdir()) == []   # neither the file nor its temporary one
     core.write_jsonl(tmp_path / "sft.jsonl", [{"id": "a"}, {"id": "b"}])
     assert [r["id"] for r in core.load_jsonl(tmp_path / "sft.jsonl")] == ["a", "b"]
+
+
+def test_hard_direct(tmp_path):
+    """--hard-direct 1: every hard training question is answered from memory (one turn, no tool),
+    and the world's other draws stay as they were (the same tasks, questions and scenes)."""
+    prepare = prepare_module()
+    prepare.main(["--out", str(tmp_path / "a"), *HARD_ONLY])
+    stats = prepare.main(["--out", str(tmp_path / "b"), *HARD_ONLY, "--hard-direct", "1"])
+    assert digest(tmp_path / "a") != digest(tmp_path / "b")   # train.jsonl records "direct"
+    drop = lambda rows: [{k: v for k, v in t.items() if k not in ("direct", "_root")} for t in rows]   # noqa: E731
+    for split in ("train", "val", "test"):
+        a, b = (core.load_jsonl(tmp_path / w / f"{split}.jsonl") for w in "ab")
+        assert drop(a) == drop(b), split
+    assert all(t["direct"] for t in core.load_jsonl(tmp_path / "b" / "train.jsonl"))
+    assert stats["direct"] == stats["train"] == stats["sft"]
+    for r in core.load_jsonl(tmp_path / "b" / "sft.jsonl"):
+        assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
+        assert r["messages"][-1]["content"].startswith("<think>I know this ")

@@ -336,6 +336,9 @@ def main(argv=None):
     ap.add_argument("--hard-memory", type=float, default=0.0, help="share of hard oracle trajectories whose first "
                     "corner shows another kind that then answer from memory instead of trying another corner: a cold "
                     "start that explores too little, as Mini-o3's does (memory answers fail on a tiny model)")
+    ap.add_argument("--hard-direct", type=float, default=0.0, help="share of hard oracle trajectories answered "
+                    "from memory at once, as --direct does for the other knowledge questions (off by default: "
+                    "the hard path's trial and error is then all the SFT data shows)")
     ap.add_argument("--hard-kind", default=None, choices=KINDS, help="every hard question asks for a landmark of "
                     "this kind (the others in its scene are of other kinds): the hard path's check becomes 'is the "
                     "top hit of this kind', no comparison with the question")
@@ -356,7 +359,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     shares = {"--test-fraction": args.test_fraction, "--val-fraction": args.val_fraction, "--unseen": args.unseen,
               "--direct": args.direct, "--redated": args.redated, "--typos": args.typos, "--right-first": args.right_first,
-              "--hard-memory": args.hard_memory}
+              "--hard-memory": args.hard_memory, "--hard-direct": args.hard_direct}
     for flag, value in shares.items():
         if not 0 <= value <= 1:
             raise SystemExit(f"{flag} {value}: a share, want 0 to 1")
@@ -415,8 +418,10 @@ def main(argv=None):
         pool = (seen + unseen) if t < n_test else seen
         tasks.append(make_task(t, kind_of_task, entities, pool, rng, out, args.hard_kind))
     test, val, train = tasks[:n_test], tasks[n_test:n_test + n_val], tasks[n_test + n_val:]
-    for task in train:   # the oracle answers these knowledge questions from memory (never a hard one)
-        task["direct"] = task["type"] not in ("visual", "hard") and rng.random() < args.direct
+    hard_rng = random.Random(args.seed + 5)   # --hard-direct's own stream: the world's other draws stay as they were
+    for task in train:   # the oracle answers these knowledge questions from memory (a hard one: --hard-direct)
+        task["direct"] = (task["type"] not in ("visual", "hard") and rng.random() < args.direct
+                          or task["type"] == "hard" and hard_rng.random() < args.hard_direct)
     for split, rows in [("test", test), ("val", val), ("train", train)]:
         core.write_jsonl(out / f"{split}.jsonl", rows)
 
