@@ -1046,7 +1046,8 @@ class KVBatch:
             valid = self.mask[b].bool()
             # boolean indexing copies: each row gets tensors of its own (no .clone(), a second copy)
             self.rows[b].kv = [(k[b:b + 1, :, valid], v[b:b + 1, :, valid]) for k, v in kvs]
-        keep = [b for b in range(len(self.rows)) if b not in set(done)]
+        gone = set(done)
+        keep = [b for b in range(len(self.rows)) if b not in gone]
         self.rows = [self.rows[b] for b in keep]
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         self.mask = self.mask[index]
