@@ -1317,9 +1317,9 @@ def check_tool_args(args):
             raise SystemExit(f"--backend {args.backend}: {e} (or replay cached results with --cache-only)") from None
 
 
-def toolbox_from_args(args, convention="abs", shown_size=None):
-    """The Toolbox the tool flags describe (with --no-tools, one that only caches), for a policy with
-    this crop convention and shown_size (or `Toolbox.for_policy` once the policy is loaded)."""
+def toolbox_from_args(args):
+    """The Toolbox the tool flags describe (with --no-tools, one that only caches); built before the
+    model loads, it reads crop boxes in pixels of the image as given until `Toolbox.for_policy`."""
     if getattr(args, "no_tools", False):
         return Toolbox(cache=cache_from_args(args))
     check_tool_args(args)
@@ -1341,6 +1341,6 @@ def toolbox_from_args(args, convention="abs", shown_size=None):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     return Toolbox(text_search=text, image_search=image, pages=pages, cache=cache_from_args(args),
-                   convention=convention, shown_size=shown_size, k=args.k, grounder=grounder,
+                   k=args.k, grounder=grounder,
                    visit_chars=args.visit_chars, multi_box=args.multi_box, summarizer=summarizer,
                    crop_settings=CropSettings(upscale_to=args.crop_upscale))

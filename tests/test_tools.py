@@ -669,7 +669,7 @@ def test_visit_chars_flag_keeps_the_passage_for_the_goal(tmp_path):
     tools.add_tool_arguments(ap)
     corpus = str(write_jsonl(tmp_path / "corpus.jsonl", [page]))
     for flags, kept in [([], 3), (["--visit-chars", "60"], 1)]:
-        box = tools.toolbox_from_args(ap.parse_args(["--corpus", corpus, "--cache", "", *flags]), "abs", None)
+        box = tools.toolbox_from_args(ap.parse_args(["--corpus", corpus, "--cache", "", *flags]))
         calls, errors = parse_tool_calls('<tool_call>{"name": "visit", "arguments": {"url": "http://local/4821", '
                                          '"goal": "when was it completed"}}</tool_call>')
         text = box.run(calls, [], errors).responses[0][0]["text"]
@@ -690,13 +690,13 @@ def test_bad_tool_data_and_missing_keys_stop_with_a_message(tmp_path, monkeypatc
         (tmp_path / name).write_text(text)
         with pytest.raises(SystemExit, match=re.escape(message)):
             tools.toolbox_from_args(ap.parse_args(["--corpus", corpus, "--image-index", str(tmp_path / name),
-                                                   "--cache", ""]), "abs", None)
+                                                   "--cache", ""]))
     monkeypatch.delenv("SERPAPI_API_KEY", raising=False)
     with pytest.raises(SystemExit, match="set SERPAPI_API_KEY .*--cache-only"):
-        tools.toolbox_from_args(ap.parse_args(["--backend", "serpapi", "--cache", ""]), "abs", None)
+        tools.toolbox_from_args(ap.parse_args(["--backend", "serpapi", "--cache", ""]))
     cache = str(tmp_path / "cache.sqlite")   # replaying a cache needs no key
     Cache(cache)
-    tools.toolbox_from_args(ap.parse_args(["--backend", "serpapi", "--cache", cache, "--cache-only"]), "abs", None)
+    tools.toolbox_from_args(ap.parse_args(["--backend", "serpapi", "--cache", cache, "--cache-only"]))
 
 
 def test_crop_upscale_flag_sets_the_size_the_model_sees(tmp_path):
@@ -705,7 +705,7 @@ def test_crop_upscale_flag_sets_the_size_the_model_sees(tmp_path):
     corpus = str(write_jsonl(tmp_path / "corpus.jsonl", [{"id": "1", "title": "t", "url": "http://local/1", "text": "x"}]))
     image = Image.new("RGB", (200, 100), "white")
     for flags, side in [([], 224), (["--crop-upscale", "112"], 112)]:
-        box = tools.toolbox_from_args(ap.parse_args(["--corpus", corpus, "--cache", "", *flags]), "abs", None)
+        box = tools.toolbox_from_args(ap.parse_args(["--corpus", corpus, "--cache", "", *flags]))
         calls, errors = parse_tool_calls('<tool_call>{"name": "crop", "arguments": {"image": 0, "bbox_2d": [0, 0, 50, 50]}}'
                                          '</tool_call>')
         obs = box.run(calls, [image], errors)
