@@ -703,17 +703,21 @@ def collate(policy, trajs):
 #
 # log p(y | h) = z_y - logsumexp(z),  z = h @ W.T / T.  The naive way materializes z for all N
 # tokens ([N, V] floats: 2.5 GB at N=4096, V=151936) and autograd keeps several copies. Here the
-# forward walks chunks of tokens, keeping only logsumexp per token; the backward recomputes each
-# chunk's log-probs and turns them into the gradient in the same buffer:
+# forward walks chunks of tokens, keeping only logsumexp per token; the backward walks blocks of
+# the vocabulary against all N tokens (each token's logsumexp known, a block's probabilities need no
+# other block) and turns each block's recomputed probabilities into the gradient in the same buffer:
 #   d logp_i / d z = onehot(y_i) - p_i
 #   d H_i / d z    = -p_i * (log p_i + H_i)            (entropy H_i = lse_i - sum_j p_ij z_ij)
-# so dz = g onehot(y) - q with q = p (g + g_H (log p + H)), and through z = h W^T / T:
-#   dh = (g W[y] - q W) / T,   dW = (onehot(y)^T (g h) - q^T h) / T.
-# Without g_H, q = p g: the g is applied to the small (c, H) side instead of the (c, V) buffer.
+# so dz = -d with d = p (g + g_H (log p + H)) - g onehot(y), and through z = h W^T / T:
+#   dh = -d W / T,   dW = -d^T h / T.
+# Without g_H, d = g (p - onehot(y)): the g is applied to the small (N, H) side instead of the (N, V) one.
 
-CHUNK_TOKENS = 512        # tokens per chunk: fewer, larger chunks mean fewer passes over W and dW ...
+CHUNK_TOKENS = 512        # tokens per forward chunk: fewer, larger chunks mean fewer passes over W ...
 LOGIT_BUDGET = 1 << 25    # ... but at most this many floats of logits per chunk (128 MB in fp32)
-W_BLOCK = 4096            # vocabulary rows of a bf16/fp16 chunk's ∂W product held at once (bounds its temporaries)
+# A CPU without bf16 matrix units (AMX) runs bf16/fp16 GEMMs 2-3x slower than fp32 ones (0.61-0.83 s against
+# 0.28-0.38 s at 2048x512x32000 on this project's host): there the kernel computes in fp32 (_fp32_gemms)
+FP32_GEMMS_ON_CPU = not (hasattr(torch.cpu, "get_capabilities") and torch.cpu.get_capabilities().get("amx_bf16"))
+MIN_BLOCK_ROWS = 256      # vocabulary rows per backward block at least (its GEMMs are only as wide as the block)
 BLOCKED = -1e30           # logit of an id outside vocab_mask: exp() is exactly 0, and 0 * BLOCKED stays finite
 
 
@@ -736,40 +740,50 @@ def _chunk_logits(h, weight, temperature, out, blocked=None, shift=None, low=Non
     return out.index_fill_(1, blocked, BLOCKED) if blocked is not None else out
 
 
-def _backward_chunks(hidden, weight, targets, lse, ent, g_logp, g_ent, T, C, blocked, need_h, need_w):
-    """The backward's pass over the vocabulary, chunk by chunk: (∂hidden in hidden's dtype, ∂W in
-    fp32 or None). g_ent None: the entropy's gradient is zero."""
+def _fp32_gemms(hidden):
+    """bf16/fp16 inputs whose GEMMs run in fp32 (FP32_GEMMS_ON_CPU); elsewhere they run in the inputs' dtype."""
+    return hidden.dtype in (torch.bfloat16, torch.float16) and hidden.device.type == "cpu" and FP32_GEMMS_ON_CPU
+
+
+def _backward_blocks(hidden, weight, targets, lse, ent, g_logp, g_ent, T, C, blocked, need_h, need_w):
+    """The backward's pass over the vocabulary, a block of W's rows at a time against all N tokens:
+    (∂hidden, ∂W) in the inputs' dtypes, None where not needed. g_ent None: the entropy's gradient is zero."""
     acc = lse.dtype
     N, V = hidden.shape[0], weight.shape[0]
-    grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-    buf = hidden.new_empty((min(C, N), V), dtype=acc)
+    up = _fp32_gemms(hidden)
+    x = hidden.to(acc) if up else hidden                  # the GEMMs' dtype: fp32 here, else the inputs'
+    B = min(V, max(MIN_BLOCK_ROWS, C * V // max(2 * N, 1)))   # vocabulary rows per block: half a forward chunk's
+    # floats, which leaves room for the two (N, H) tensors below
+    buf = hidden.new_empty(N * B, dtype=acc)              # flat: a short last block's view stays contiguous
     pbuf = torch.empty_like(buf) if g_ent is not None else None
-    low = None if hidden.dtype == acc else torch.empty_like(buf, dtype=hidden.dtype)
-    w_low = weight.new_empty((min(W_BLOCK, V), weight.shape[1])) if need_w and low is not None else None
-    for s in range(0, N, C):
-        c = min(C, N - s)
-        y, g = targets[s:s + c], g_logp[s:s + c, None]
-        lo = low[:c] if low is not None else None
-        logp_all = _chunk_logits(hidden[s:s + c], weight, T, buf[:c], blocked, shift=lse[s:s + c], low=lo)
-        if g_ent is not None:   # q = p (g + g_H (log p + H))
-            p = torch.exp(logp_all, out=pbuf[:c])
-            q, row = logp_all.add_(ent[s:s + c, None]).mul_(g_ent[s:s + c, None].to(acc)).add_(g).mul_(p), 1.0
-        else:                   # q = p g, with g applied to (c, H) tensors below: saves a pass over (c, V)
-            q, row = logp_all.exp_(), g
-        ql = q if lo is None else lo.copy_(q)   # bf16/fp16: both GEMMs run in the inputs' dtype, as naive's do
+    low = None if x.dtype == acc else torch.empty_like(buf, dtype=x.dtype)   # bf16/fp16 GEMM operands
+    side = 1.0 if g_ent is not None else g_logp[:, None]  # g on the (N, H) side when d = g (p - onehot)
+    on_target = g_logp if g_ent is not None else torch.ones_like(g_logp)     # what d loses at each target
+    dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_h else None
+    xg = (side * x.to(acc)).to(x.dtype) if need_w else None
+    grad_w = torch.empty_like(weight) if need_w else None
+    for v in range(0, V, B):
+        b = min(B, V - v)
+        wb = weight[v:v + b].to(acc) if up else weight[v:v + b]
+        ids = None if blocked is None else blocked[(blocked >= v) & (blocked < v + b)] - v   # this block's
+        lo = None if low is None else low[:N * b].view(N, b)
+        logp_all = _chunk_logits(x, wb, T, buf[:N * b].view(N, b), ids, shift=lse, low=lo)
+        if g_ent is not None:   # d = p (g + g_H (log p + H)) - g onehot
+            p = torch.exp(logp_all, out=pbuf[:N * b].view(N, b))
+            d = logp_all.add_(ent[:, None]).mul_(g_ent[:, None].to(acc)).add_(g_logp[:, None]).mul_(p)
+        else:                   # d = p - onehot, the g applied to (N, H) tensors
+            d = logp_all.exp_()
+        rows = ((targets >= v) & (targets < v + b)).nonzero()[:, 0]
+        d[rows, targets[rows] - v] -= on_target[rows]
+        dl = d if lo is None else lo.copy_(d)   # bf16/fp16: both GEMMs run in the inputs' dtype, as naive's do
         if need_h:
-            grad_h[s:s + c] = ((g * weight[y].to(acc) - row * (ql @ weight).to(acc)) / T).to(hidden.dtype)
-        if need_w:
-            h = hidden[s:s + c].to(acc)
-            if lo is None:
-                grad_w.addmm_(q.t(), row * h, alpha=-1 / T)
-            else:   # bf16/fp16: on the low-precision units, summed into fp32 W_BLOCK rows at a time
-                hl = (row * h).to(ql.dtype)
-                for v in range(0, V, W_BLOCK):
-                    part = torch.mm(ql[:, v:v + W_BLOCK].t(), hl, out=w_low[:min(W_BLOCK, V - v)])
-                    grad_w[v:v + W_BLOCK].sub_(part, alpha=1 / T)
-            grad_w.index_add_(0, y, g * h / T)
+            dh += dl @ wb
+        if need_w:   # -d^T h / T, the scale inside the GEMM, written in place (or cast on the copy from fp32)
+            if grad_w.dtype == dl.dtype:
+                torch.addmm(wb, dl.t(), xg, beta=0, alpha=-1 / T, out=grad_w[v:v + b])
+            else:
+                grad_w[v:v + b] = torch.addmm(wb, dl.t(), xg, beta=0, alpha=-1 / T)
+    grad_h = dh.mul_(-side / T).to(hidden.dtype) if need_h else None
     return grad_h, grad_w
 
 
@@ -785,13 +799,14 @@ class _TokenLogprobs(torch.autograd.Function):
         # probabilities at hand; the backward then needs no pass over the vocabulary at all.
         frozen_w = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
         pw = hidden.new_empty((N, hidden.shape[1]) if frozen_w else (0,), dtype=acc)
+        x, w = (hidden.float(), weight.float()) if _fp32_gemms(hidden) else (hidden, weight)
         buf = hidden.new_empty((min(chunk_size, N), V), dtype=acc)            # (c, V) logits
         ebuf = torch.empty_like(buf) if with_entropy else None
-        low = None if hidden.dtype == acc else torch.empty_like(buf, dtype=hidden.dtype)
+        low = None if x.dtype == acc else torch.empty_like(buf, dtype=x.dtype)
         for s in range(0, N, chunk_size):
             c = min(chunk_size, N - s)
             lo = low[:c] if low is not None else None
-            z = _chunk_logits(hidden[s:s + c], weight, temperature, buf[:c], blocked, low=lo)
+            z = _chunk_logits(x[s:s + c], w, temperature, buf[:c], blocked, low=lo)
             target = z.gather(1, targets[s:s + c, None])[:, 0]
             m = z.amax(dim=-1, keepdim=True)                                    # (c, 1) for stability
             z.sub_(m)                                                           # z' = z - max
@@ -803,7 +818,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 ent[s:s + c] = total.log() - z.mul_(e).sum(-1) / total
             if frozen_w:       # p W, with p = e / total
                 p = e.div_(total[:, None])
-                pw[s:s + c] = p @ weight if lo is None else (lo.copy_(p) @ weight).to(acc)
+                pw[s:s + c] = p @ w if lo is None else (lo.copy_(p) @ w).to(acc)
         ctx.save_for_backward(hidden, weight, targets, lse, ent, pw)
         ctx.blocked = blocked
         ctx.temperature, ctx.chunk_size, ctx.with_entropy = temperature, chunk_size, with_entropy
@@ -820,10 +835,8 @@ class _TokenLogprobs(torch.autograd.Function):
         if len(pw) and not use_ent:   # W frozen: dh = g (W[y] - p W) / T, from the forward's p W
             g = g_logp[:, None]
             return ((g * (weight[targets].to(acc) - pw) / T).to(hidden.dtype),) + (None,) * 6
-        grad_h, grad_w = _backward_chunks(hidden, weight, targets, lse, ent, g_logp, g_ent if use_ent else None,
+        grad_h, grad_w = _backward_blocks(hidden, weight, targets, lse, ent, g_logp, g_ent if use_ent else None,
                                           T, C, ctx.blocked, need_h, need_w)
-        # cast only now that the chunk buffers are freed: ∂W's low-precision copy never meets them
-        grad_w = grad_w.to(weight.dtype) if need_w else None
         return grad_h, grad_w, None, None, None, None, None
 
 
@@ -833,17 +846,21 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, wi
 
     hidden (N, H), weight (V, H), targets (N,) -> log-probs (N,) in float32 (float64 for float64
     inputs), and the entropy (N,) of each row's distribution when `with_entropy`. Differentiable
-    in hidden and weight (tied embeddings too). chunk_size: tokens per chunk (default
-    CHUNK_TOKENS, fewer when LOGIT_BUDGET says so, half that for bf16/fp16). vocab_mask (V,) bool: the softmax runs over these ids
-    only (the policy's sampling distribution, Policy.sample_mask); targets must lie inside it."""
+    in hidden and weight (tied embeddings too). chunk_size: tokens per forward chunk (default
+    CHUNK_TOKENS, fewer when LOGIT_BUDGET says so, half that for bf16/fp16, a quarter on a CPU
+    computing them in fp32); the backward's vocabulary blocks hold half as many floats.
+    vocab_mask (V,) bool: the softmax runs over these ids only (the policy's sampling
+    distribution, Policy.sample_mask); targets must lie inside it."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"token_logprobs: want hidden (N, H) and weight (V, H), got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"token_logprobs: targets {tuple(targets.shape)} must be ({hidden.shape[0]},)")
-    if not chunk_size:   # bf16/fp16 chunks hold their logits twice (fp32 and the inputs' dtype): half the tokens
+    if not chunk_size:   # bf16/fp16 chunks hold their logits twice (fp32 and the inputs' dtype): half the tokens;
+        # computing in fp32 on a CPU (FP32_GEMMS_ON_CPU) holds an fp32 copy of W besides: a quarter
         low = hidden.dtype in (torch.bfloat16, torch.float16)
-        chunk_size = max(1, min(CHUNK_TOKENS, LOGIT_BUDGET // weight.shape[0]) // (2 if low else 1))
+        share = 4 if _fp32_gemms(hidden) else 2 if low else 1
+        chunk_size = max(1, min(CHUNK_TOKENS, LOGIT_BUDGET // weight.shape[0]) // share)
     blocked = None
     if vocab_mask is not None:
         if vocab_mask.shape != weight.shape[:1]:

@@ -24,7 +24,7 @@ def grads(out, h, w, seed=1):
 
 
 @pytest.mark.parametrize("T", [1.0, 0.7])
-@pytest.mark.parametrize("chunk", [None, 1, 7, 64])
+@pytest.mark.parametrize("chunk", [None, 1, 7, 20, 64])   # 20: the backward's vocabulary blocks are 22 rows, the last short
 def test_fp32_values_and_grads(T, chunk):
     h, w, y = inputs(37, 16, 101)
     ours = token_logprobs(h, w, y, temperature=T, chunk_size=chunk)
@@ -54,13 +54,14 @@ def test_entropy_values_and_grads(T):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("w_block", [4096, 100])   # 100: ∂W's bf16 product in three blocks, the last partial
-def test_bf16_within_tolerance(w_block, monkeypatch):
-    """bf16 inputs: logits are upcast to fp32 per chunk; vs the same naive upcast, the log-probs
-    agree to 2e-2 and the gradients to 2e-2 relative (bf16 has an 8-bit mantissa)."""
-    monkeypatch.setattr("mmsearch_r1.W_BLOCK", w_block)
+@pytest.mark.parametrize("fp32_gemms", [False, True])   # bf16 GEMMs (a GPU, AMX) or fp32 ones (other CPUs)
+def test_bf16_within_tolerance(fp32_gemms, monkeypatch):
+    """bf16 inputs: logits are upcast to fp32 per chunk (or the GEMMs run in fp32); vs the same naive
+    upcast, the log-probs agree to 2e-2 and the gradients to 2e-2 relative (bf16 has an 8-bit
+    mantissa). chunk_size=20: the backward's vocabulary blocks are 16 rows, the last one short."""
+    monkeypatch.setattr("mmsearch_r1.FP32_GEMMS_ON_CPU", fp32_gemms)
     h, w, y = inputs(64, 32, 257, dtype=torch.bfloat16)
-    ours = token_logprobs(h, w, y, chunk_size=10)
+    ours = token_logprobs(h, w, y, chunk_size=20)
     ref, _ = naive(h, w, y)
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours, ref, atol=2e-2, rtol=0)
