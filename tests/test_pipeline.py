@@ -59,10 +59,11 @@ def test_main_command_with_ahpo(tmp_path):
     SFT flags reach train_sft)."""
     out = tmp_path / "ahpo"
     cmd = [sys.executable, str(ROOT / "data" / "toyworld" / "run.py"), "--fast", "--out", str(out), "--ahpo",
-           "--sft-min-lr-ratio", "0.5"]
+           "--sft-min-lr-ratio", "0.5", "--sft-weight-decay", "0.05"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert json.loads((out / "sft" / "args.json").read_text())["min_lr_ratio"] == 0.5   # passed on to train_sft
+    sft = json.loads((out / "sft" / "args.json").read_text())
+    assert (sft["min_lr_ratio"], sft["weight_decay"]) == (0.5, 0.05)   # passed on to train_sft
     settings = json.loads((out / "grpo" / "args.json").read_text())
     assert settings["expert_data"].endswith("expert.jsonl")
     expert = (out / "world" / "expert.jsonl").read_text().splitlines()
@@ -147,6 +148,7 @@ def test_bad_flags_stop_before_any_stage(tmp_path, capsys):
     for flags, message in [(["--sft-steps", "-1"], "--sft-steps -1: the counts"),
                            (["--temperature", "0"], "--temperature 0.0: the counts, learning rates and temperature"),
                            (["--sft-min-lr-ratio", "2"], "--sft-min-lr-ratio 2.0"),
+                           (["--sft-weight-decay", "-0.1"], "--sft-weight-decay -0.1: the counts"),
                            (["--out", str(tmp_path / "file")], "is a file; give a folder")]:
         with pytest.raises(SystemExit):
             run.parse_args(flags)

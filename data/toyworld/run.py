@@ -56,6 +56,7 @@ def parse_args(argv=None):
     ap.add_argument("--sft-min-lr-ratio", type=float, default=0.1, help="SFT's cosine decay ends at this fraction "
                     "of --sft-lr (1: constant)")
     ap.add_argument("--sft-batch-tokens", type=int, default=4096, help="padded tokens per SFT step")
+    ap.add_argument("--sft-weight-decay", type=float, default=0.0, help="SFT's AdamW weight decay")
     ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO optimizer steps")
     ap.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
     ap.add_argument("--temperature", type=float, default=0.7, help="GRPO sampling temperature")
@@ -73,9 +74,13 @@ def parse_args(argv=None):
     counts = ("sft_steps", "grpo_steps", "sft_batch_tokens", "k", "visit_chars", "crop_upscale", "train_turns", "eval_turns")
     bad = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in counts + ("sft_lr", "grpo_lr", "temperature")
            if getattr(args, name) <= 0]
-    if bad or not 0 <= args.sft_min_lr_ratio <= 1:
-        ap.error(", ".join(bad or [f"--sft-min-lr-ratio {args.sft_min_lr_ratio}"]) +
-                 ": the counts, learning rates and temperature must be positive, the min-lr ratio 0 to 1")
+    if not 0 <= args.sft_min_lr_ratio <= 1:
+        bad.append(f"--sft-min-lr-ratio {args.sft_min_lr_ratio}")
+    if args.sft_weight_decay < 0:
+        bad.append(f"--sft-weight-decay {args.sft_weight_decay}")
+    if bad:
+        ap.error(", ".join(bad) + ": the counts, learning rates and temperature must be positive, "
+                 "the min-lr ratio 0 to 1, the weight decay 0 or more")
     if Path(args.out).is_file():
         ap.error(f"--out {args.out} is a file; give a folder")
     return args
@@ -278,6 +283,7 @@ def main(argv=None):
         run([("sft", [py, ROOT / "train_sft.py", "--model", world / "model", "--data", world / "sft.jsonl",
                       "--out", out / "sft", "--steps", args.sft_steps, "--lr", args.sft_lr, "--warmup", "20",
                       "--min-lr-ratio", args.sft_min_lr_ratio, "--batch-tokens", args.sft_batch_tokens,
+                      "--weight-decay", args.sft_weight_decay,
                       "--seed", args.seed, "--save-every", "100", "--keep-last", "1", "--quiet", "--resume"])], log)
     evaluate("sft", out / "sft" / "final")
     if not (out / "grpo" / "final" / "config.json").exists():   # (--rollout-batch: the 80 val tasks in one batch)
