@@ -144,56 +144,22 @@ def test_bad_world_flags_stop_before_any_work(tmp_path, flags, message):
 HARD_ONLY = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "hard:1", "--redated", "0"]   # a small hard world
 
 
-def test_right_first_crops_the_asked_corner_first(tmp_path):
-    """--right-first 1: every hard oracle trajectory starts at the asked corner, so none recovers."""
-    stats = prepare_module().main(["--out", str(tmp_path), *HARD_ONLY, "--right-first", "1"])
-    assert stats["recovered"] == 0 and stats["oracle"]["hard"][0] > 0
-    tasks = {t["id"]: t for t in core.load_jsonl(tmp_path / "train.jsonl")}
-    for r in core.load_jsonl(tmp_path / "sft.jsonl"):
-        first = next(m["content"] for m in r["messages"] if m["role"] == "assistant")
-        assert f"the image's {tasks[r['id']]['corner']} corner" in first
-
-
-def test_kind_tag_names_the_kind_where_the_think_copies_it(tmp_path):
-    """--kind-tag: every snippet says "(category <kind>)", and every hard trajectory's kind checks
-    copy the hit's kind from there: "category <asked>. As asked:" before the visit, "category
-    <other>, not as asked." before another corner."""
-    prepare_module().main(["--out", str(tmp_path), *HARD_ONLY, "--kind-tag"])
-    kinds = {h["title"]: h["snippet"] for h in core.load_jsonl(tmp_path / "images.jsonl")}
-    assert all(f"(category {t.split()[-1].lower()})" in s for t, s in kinds.items())
+def test_hard_trajectories_check_the_hits_kind(tmp_path):
+    """Every hard oracle trajectory copies the top hit's kind into its think after each image search
+    (what copy_probe.py scores): "a <asked>." before the visit, "a <other>, not a <asked>." before
+    another corner; some recover from a wrong first corner."""
+    stats = prepare_module().main(["--out", str(tmp_path), *HARD_ONLY])
     tasks = {t["id"]: t for t in core.load_jsonl(tmp_path / "train.jsonl")}
     misses = 0
     for r in core.load_jsonl(tmp_path / "sft.jsonl"):
         asked = tasks[r["id"]]["question"].split(" the ")[1].split()[0]
         thinks = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
-        assert f"The top result is category {asked}. As asked: I will read it." in thinks[-2]
+        assert f"<think>The top result is a {asked}. I will read it." in thinks[-2] and '"visit"' in thinks[-2]
         for t in thinks[1:-2]:
-            if "The top result is category" in t:
-                assert ", not as asked. I will try the image's" in t and f"category {asked}," not in t
+            if "The top result is a" in t:
+                assert f", not a {asked}. I will try the image's" in t
                 misses += 1
-    assert misses > 0
-
-
-def test_hard_kind_and_hard_memory(tmp_path):
-    """--hard-kind statue: every hard question asks for the scene's one statue. --hard-memory 1:
-    every hard oracle trajectory whose first corner shows another kind answers from memory there
-    (one crop, no visit); the others read the page."""
-    prepare_module().main(["--out", str(tmp_path), *HARD_ONLY, "--hard-kind", "statue", "--hard-memory", "1"])
-    kinds = [h["title"].split()[-1].lower() for h in core.load_jsonl(tmp_path / "images.jsonl")]   # entity i's
-    tasks = {t["id"]: t for t in core.load_jsonl(tmp_path / "train.jsonl")}
-    for t in tasks.values():
-        assert t["question"] == "In what year was the statue in this image completed?"
-        assert [kinds[m] == "statue" for m in t["corners"].values()].count(True) == 1 == (kinds[t["entity"]] == "statue")
-    ends = {"memory": 0, "read": 0}
-    for r in core.load_jsonl(tmp_path / "sft.jsonl"):
-        thinks = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
-        if "I know the statue in this image" in thinks[-1]:
-            assert len(thinks) == 3 and "The top result is a " in thinks[-1] and "<answer>" in thinks[-1]
-            ends["memory"] += 1
-        else:
-            assert f"the image's {tasks[r['id']]['corner']} corner" in thinks[0] and '"visit"' in thinks[-2]
-            ends["read"] += 1
-    assert ends["memory"] > 0 and ends["read"] > 0
+    assert misses >= stats["recovered"] > 0
 
 
 def test_a_world_file_is_written_whole_or_not_at_all(tmp_path):

@@ -13,8 +13,7 @@ in a visited url and in the year it quotes from the page (about 0.1 is a guess a
 the answer's digits, which repeat the quote a few tokens back, are not counted). In our runs the copy
 forms as a jump within a few hundred steps, the year before the id (README, lab notes).
 On the hard questions' SFT trajectories it also scores the kind check: after each image search
-the think copies the top hit's kind ("The top result is a gate", or with prepare.py --kind-tag
-"... is category gate") and the next token decides,
+the think copies the top hit's kind ("The top result is a gate") and the next token decides,
 "." to read that page (the asked kind) or "," to try another corner; it prints the mean
 probability of the kind copied and of the decision, apart for a match and a miss (a model that
 does not compare the kinds gives both about the same). run.py
@@ -35,9 +34,8 @@ import mmsearch_r1 as core  # noqa: E402
 
 URL_DIGIT = re.compile(r"page/\d*$")           # the text before a digit of a visited page's id
 YEAR_DIGIT = re.compile(r"completed in \d*$")  # ... before a digit of the year quoted from the page
-# (prepare.py --kind-tag writes "The top result is category gate")
-HIT_KIND = re.compile(r"<think>The top result is (a|category)$")      # before the kind copied from the hit
-DECISION = re.compile(r"<think>The top result is (a|category) \w+$")  # before "." (read it) or "," (another corner)
+HIT_KIND = re.compile(r"<think>The top result is a$")      # before the kind copied from the hit
+DECISION = re.compile(r"<think>The top result is a \w+$")  # before "." (read it) or "," (another corner)
 
 
 def written_probabilities(policy, records, root, batch=16):

@@ -190,9 +190,9 @@ def corner_box(corner):
     return [x - 4, y - 4, x + TILE + 4, y + TILE + 4]
 
 
-def make_task(t, kind_of_task, entities, pool, rng, out, hard_kind=None):
+def make_task(t, kind_of_task, entities, pool, rng, out):
     """One question with its image: a scene of corner landmarks for `crop` and `hard`, the
-    landmark's picture for the others. hard_kind: every hard question asks for a landmark of this kind."""
+    landmark's picture for the others."""
     corner = None
     if kind_of_task in ("crop", "hard"):
         if kind_of_task == "crop":   # two to four landmarks, full size; the question names the corner
@@ -200,8 +200,6 @@ def make_task(t, kind_of_task, entities, pool, rng, out, hard_kind=None):
             members = rng.sample(pool, len(corners))
         else:   # three landmarks of different kinds among clutter; the question names only the kind
             corners, members = rng.sample(list(CORNERS), 3), []
-            if hard_kind:   # the asked one first (its corner is random), then two of other kinds
-                members.append(rng.choice([m for m in pool if entities[m]["kind"] == hard_kind]))
             for m in rng.sample(pool, len(pool)):
                 if entities[m]["kind"] not in {entities[x]["kind"] for x in members}:
                     members.append(m)
@@ -216,7 +214,7 @@ def make_task(t, kind_of_task, entities, pool, rng, out, hard_kind=None):
         for c, m in zip(corners, members):
             box = corner_box(c)
             scene.paste(draw_entity(entities[m]["look"]), (box[0] + 4 + rng.randint(-2, 2), box[1] + 4 + rng.randint(-2, 2)))
-        target = 0 if (kind_of_task == "hard" and hard_kind) else rng.randrange(len(corners))
+        target = rng.randrange(len(corners))
         corner, m = corners[target], members[target]
         corners = dict(zip(corners, members))
     else:
@@ -243,7 +241,7 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, kind_tag=False, give_up=False):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -255,9 +253,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, k
     The oracle sees what the tools will return: box(corner) is a corner's box in the policy's
     convention, see(corner or None) the image search's results on that crop (or the whole image),
     find(query) the text search's; by_url maps a url to its landmark as the pages read tell it
-    (their year: a re-dated copy's own). `kind_tag`: the hard path's thinks copy the hit's kind
-    from the snippet's "(category gate)" and decide on the next token (see --kind-tag). `give_up`:
-    after a first corner whose top hit is of another kind, answer from memory (see --hard-memory)."""
+    (their year: a re-dated copy's own)."""
     call = core.format_tool_call
     e = entities[task["entity"]]
     kind = e["kind"]
@@ -275,14 +271,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, k
             found = by_url[hits[0]["url"]]["kind"]
             if found == kind or n == len(order):   # no corner left: the answer will be wrong and dropped
                 break
-            think = (f"The top result is category {found}, not as asked." if kind_tag else
-                     f"The top result is a {found}, not a {kind}.")
-            if give_up:
-                return turns + [f"<think>{think} I know the {kind} in this image: it is the {e['title']}.</think>\n"
-                                f"<answer>{task['answers'][0]}</answer>"]
-            think += f" I will try the image's {order[n]} corner."
-        seen = f"category {kind}. As asked:" if kind_tag else f"a {kind}."
-        turns.append(f"<think>The top result is {seen} I will read it.</think>\n"
+            think = f"The top result is a {found}, not a {kind}. I will try the image's {order[n]} corner."
+        turns.append(f"<think>The top result is a {kind}. I will read it.</think>\n"
                      + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
     else:
         if task["type"] == "crop":
@@ -331,20 +321,9 @@ def main(argv=None):
                     "copied from the search results, as no landmark keeps one id a model could learn")
     ap.add_argument("--typos", type=float, default=0.3, help="share of two-hop oracle trajectories whose first "
                     "text search misspells the name, finds nothing and is revised")
-    ap.add_argument("--right-first", type=float, default=0.0, help="share of hard oracle trajectories that crop the "
-                    "asked corner first (the rest: the corners in a random order, as all are by default)")
-    ap.add_argument("--hard-memory", type=float, default=0.0, help="share of hard oracle trajectories whose first "
-                    "corner shows another kind that then answer from memory instead of trying another corner: a cold "
-                    "start that explores too little, as Mini-o3's does (memory answers fail on a tiny model)")
     ap.add_argument("--hard-direct", type=float, default=0.0, help="share of hard oracle trajectories answered "
                     "from memory at once, as --direct does for the other knowledge questions (off by default: "
                     "the hard path's trial and error is then all the SFT data shows)")
-    ap.add_argument("--hard-kind", default=None, choices=KINDS, help="every hard question asks for a landmark of "
-                    "this kind (the others in its scene are of other kinds): the hard path's check becomes 'is the "
-                    "top hit of this kind', no comparison with the question")
-    ap.add_argument("--kind-tag", action="store_true", help="the image index's snippets name the kind after a word "
-                    "nothing else uses ('Tasvor Gate (category gate) in Rengelville.') and the hard path's thinks "
-                    "copy it from there, the decision on the next token: a kind a tiny model can copy (README)")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -358,8 +337,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="random seed (the world is deterministic)")
     args = ap.parse_args(argv)
     shares = {"--test-fraction": args.test_fraction, "--val-fraction": args.val_fraction, "--unseen": args.unseen,
-              "--direct": args.direct, "--redated": args.redated, "--typos": args.typos, "--right-first": args.right_first,
-              "--hard-memory": args.hard_memory, "--hard-direct": args.hard_direct}
+              "--direct": args.direct, "--redated": args.redated, "--typos": args.typos,
+              "--hard-direct": args.hard_direct}
     for flag, value in shares.items():
         if not 0 <= value <= 1:
             raise SystemExit(f"{flag} {value}: a share, want 0 to 1")
@@ -393,8 +372,7 @@ def main(argv=None):
         corpus.append({"id": str(i), "title": e["title"], "url": URL.format(page=e["page"]),
                        "text": page_text(e, rng, entities[:i] + entities[i + 1:], entities[e["twin"]] if "twin" in e else None)})
         index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(page=e["page"]),
-                      "snippet": f"{e['title']} (category {e['kind']}) in {e['city']}." if args.kind_tag
-                      else f"{e['title']}, a {e['kind']} in {e['city']}."})
+                      "snippet": f"{e['title']}, a {e['kind']} in {e['city']}."})
     core.write_jsonl(out / "corpus.jsonl", corpus)
 
     ids = [e["page"] for e in entities]
@@ -416,7 +394,7 @@ def main(argv=None):
         j = t if t < n_test else t - n_test if t < n_test + n_val else t - n_test - n_val   # index in its split
         kind_of_task = list(mix)[j] if j < len(mix) else rng.choices(list(mix), weights=list(mix.values()))[0]
         pool = (seen + unseen) if t < n_test else seen
-        tasks.append(make_task(t, kind_of_task, entities, pool, rng, out, args.hard_kind))
+        tasks.append(make_task(t, kind_of_task, entities, pool, rng, out))
     test, val, train = tasks[:n_test], tasks[n_test:n_test + n_val], tasks[n_test + n_val:]
     hard_rng = random.Random(args.seed + 5)   # --hard-direct's own stream: the world's other draws stay as they were
     for task in train:   # the oracle answers these knowledge questions from memory (a hard one: --hard-direct)
@@ -464,7 +442,6 @@ def main(argv=None):
     rows = [dict(t, _root=str(out)) for t in train]
     scripts, experts, variant = {}, {}, {}   # scripts/experts[task id, view]; variant[view][task id]: the answer there
     typo_rng = random.Random(args.seed + 1)   # its own stream too
-    memory_rng = random.Random(args.seed + 4)  # and --hard-memory's
     shown_sizes = {}
     for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
@@ -475,22 +452,18 @@ def main(argv=None):
         def box(corner):
             return oracle_box(corner, policy.crop_convention, shown)
 
-        def oracle(view, order=(), typo=False, give_up=False):   # the oracle's turns, reading this view of the web
+        def oracle(view, order=(), typo=False):   # the oracle's turns, reading this view of the web
             def see(corner):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo, args.kind_tag, give_up)
+                                order, typo)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
-            if args.right_first and rng.random() < args.right_first:   # a cold start that mostly looks in the right place
-                order = [task["corner"]] + [c for c in order if c != task["corner"]]
             experts[task["id"], None] = oracle(real, order=(task["corner"],))
         typo = task["type"] == "twohop" and typo_rng.random() < args.typos
-        # a miss answered from memory reads no page, so it answers the true year (no re-dated view)
-        give_up = bool(order) and order[0] != task["corner"] and memory_rng.random() < args.hard_memory
-        searched = task["type"] != "visual" and not task["direct"] and not give_up
+        searched = task["type"] != "visual" and not task["direct"]
         if searched and redated_rng.random() < args.redated:
             first = redated_rng.randrange(REDATED)
             views = [first] + redated_rng.sample([v for v in range(REDATED) if v != first], args.views - 1)
@@ -499,7 +472,7 @@ def main(argv=None):
                 variant.setdefault(v, {})[task["id"]] = redated[v]["years"][asked]
                 scripts[task["id"], v] = oracle(redated[v], order, typo)
         else:
-            scripts[task["id"], None] = oracle(real, order, typo, give_up)
+            scripts[task["id"], None] = oracle(real, order, typo)
 
     def replay(rows, scripts, crops, v=None):
         """The scripted turns (scripts[task id, v]) through the real rollout loop and tools on view v
