@@ -190,3 +190,18 @@ def test_hard_direct(tmp_path):
     for r in core.load_jsonl(tmp_path / "b" / "sft.jsonl"):
         assert [m["role"] for m in r["messages"]] == ["system", "user", "assistant"]
         assert r["messages"][-1]["content"].startswith("<think>I know this ")
+
+
+def test_direct_per_question_type(tmp_path):
+    """--direct whole:1: every whole training question from memory, crop and twohop always searched,
+    the same tasks otherwise; a type that is not whole, crop or twohop, or a share outside 0-1, is refused."""
+    prepare = prepare_module()
+    flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "whole:0.5,crop:0.3,twohop:0.2", "--redated", "0"]
+    stats = prepare.main(["--out", str(tmp_path / "a"), *flags, "--direct", "whole:1"])
+    train = core.load_jsonl(tmp_path / "a" / "train.jsonl")
+    assert {t["type"] for t in train} == {"whole", "crop", "twohop"}
+    assert all(t["direct"] == (t["type"] == "whole") for t in train)
+    assert stats["direct"] == sum(t["type"] == "whole" for t in train)
+    for bad, says in [("visual:0.5", "only whole, crop and twohop"), ("whole:1.5", "want 0 to 1"), ("half", "type:share")]:
+        with pytest.raises(SystemExit, match=says):
+            prepare.main(["--out", str(tmp_path / "b"), *flags, "--direct", bad])

@@ -24,8 +24,9 @@ image-search index whose title names its kind ("Kalomi Tower"). Questions, tagge
 three-type world, --mix visual:0.2,whole:0.3,crop:0.5, was the default until 2026-11-30).
 
 The oracle that writes the SFT data knows every landmark. On a share of the knowledge questions
-(--direct, default half) it answers from that knowledge without searching, as a strong model
-that recognises famous landmarks would (MMSearch-R1's on-demand search); on the rest it searches,
+(--direct, default half the whole and twohop questions, a quarter of the crop ones) it answers
+from that knowledge without searching, as a strong model that recognises famous landmarks would
+(MMSearch-R1's on-demand search); on the rest it searches,
 opens the top hit and copies the year. Every oracle trajectory ends with the right answer. The
 policy learns both habits in SFT, but a 600K-parameter model cannot remember 160 landmarks'
 years: when to search is the decision left for GRPO to learn from the reward, and the one the
@@ -308,8 +309,9 @@ def main(argv=None):
     ap.add_argument("--unseen", type=float, default=0.2, help="share of landmarks asked about in test only")
     ap.add_argument("--mix", default="visual:0.15,whole:0.25,crop:0.3,twohop:0.15,hard:0.15",
                     help="question types and their shares, of visual, whole, crop, twohop, hard")
-    ap.add_argument("--direct", type=float, default=0.5,
-                    help="share of knowledge questions the oracle answers from memory, without searching")
+    ap.add_argument("--direct", default="whole:0.5,crop:0.25,twohop:0.5", help="share of knowledge questions the "
+                    "oracle answers from memory, without searching: one share for whole, crop and twohop, or one "
+                    "each (a type not named: always searched; until 2026-12-03 the default was 0.5)")
     ap.add_argument("--redated", type=float, default=1.0, help="share of the searched oracle trajectories that read "
                     "re-dated pages (each landmark's year drawn anew) and answer the page's year: reading is the only "
                     "way to be right")
@@ -337,8 +339,17 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="random seed (the world is deterministic)")
     args = ap.parse_args(argv)
     shares = {"--test-fraction": args.test_fraction, "--val-fraction": args.val_fraction, "--unseen": args.unseen,
-              "--direct": args.direct, "--redated": args.redated, "--typos": args.typos,
+              "--redated": args.redated, "--typos": args.typos,
               "--hard-direct": args.hard_direct}
+    try:
+        from_memory = ({k: float(v) for k, v in (part.split(":") for part in args.direct.split(","))} if ":" in args.direct
+                       else dict.fromkeys(("whole", "crop", "twohop"), float(args.direct)))
+    except ValueError:
+        raise SystemExit(f"--direct {args.direct!r}: want a share, or type:share pairs, e.g. whole:0.5,crop:0.25") from None
+    if not set(from_memory) <= {"whole", "crop", "twohop"}:
+        raise SystemExit(f"--direct: only whole, crop and twohop are answered from memory (hard: --hard-direct), "
+                         f"not {sorted(set(from_memory) - {'whole', 'crop', 'twohop'})}")
+    shares.update({f"--direct {k}": v for k, v in from_memory.items()})
     for flag, value in shares.items():
         if not 0 <= value <= 1:
             raise SystemExit(f"{flag} {value}: a share, want 0 to 1")
@@ -398,7 +409,7 @@ def main(argv=None):
     test, val, train = tasks[:n_test], tasks[n_test:n_test + n_val], tasks[n_test + n_val:]
     hard_rng = random.Random(args.seed + 5)   # --hard-direct's own stream: the world's other draws stay as they were
     for task in train:   # the oracle answers these knowledge questions from memory (a hard one: --hard-direct)
-        task["direct"] = (task["type"] not in ("visual", "hard") and rng.random() < args.direct
+        task["direct"] = (task["type"] not in ("visual", "hard") and rng.random() < from_memory.get(task["type"], 0.0)
                           or task["type"] == "hard" and hard_rng.random() < args.hard_direct)
     for split, rows in [("test", test), ("val", val), ("train", train)]:
         core.write_jsonl(out / f"{split}.jsonl", rows)
