@@ -95,6 +95,7 @@ SHAPES = ["circle", "square", "triangle", "stripes", "cross", "ring"]
 PALETTE = [(220, 40, 40), (40, 170, 70), (40, 80, 220), (230, 190, 40), (150, 60, 200), (30, 190, 200),
            (240, 120, 30), (120, 120, 120), (250, 250, 250), (20, 20, 20)]
 CORNERS = {"top-left": (0, 0), "top-right": (1, 0), "bottom-left": (0, 1), "bottom-right": (1, 1)}
+RECOGNISABLE = ("whole", "crop", "twohop")   # knowledge questions --direct answers from memory
 QUESTIONS = {"visual": "What shape is drawn on this {kind}?",
              "whole": "In what year was this {kind} completed?",
              "crop": "In what year was the {kind} in the image's {corner} corner completed?",
@@ -343,12 +344,12 @@ def main(argv=None):
               "--hard-direct": args.hard_direct}
     try:
         from_memory = ({k: float(v) for k, v in (part.split(":") for part in args.direct.split(","))} if ":" in args.direct
-                       else dict.fromkeys(("whole", "crop", "twohop"), float(args.direct)))
+                       else dict.fromkeys(RECOGNISABLE, float(args.direct)))
     except ValueError:
         raise SystemExit(f"--direct {args.direct!r}: want a share, or type:share pairs, e.g. whole:0.5,crop:0.25") from None
-    if not set(from_memory) <= {"whole", "crop", "twohop"}:
+    if not set(from_memory) <= set(RECOGNISABLE):
         raise SystemExit(f"--direct: only whole, crop and twohop are answered from memory (hard: --hard-direct), "
-                         f"not {sorted(set(from_memory) - {'whole', 'crop', 'twohop'})}")
+                         f"not {sorted(set(from_memory) - set(RECOGNISABLE))}")
     shares.update({f"--direct {k}": v for k, v in from_memory.items()})
     for flag, value in shares.items():
         if not 0 <= value <= 1:
