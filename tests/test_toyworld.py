@@ -206,28 +206,3 @@ def test_direct_per_question_type(tmp_path):
     for bad, says in [("visual:0.5", "only whole, crop and twohop"), ("whole:1.5", "want 0 to 1"), ("half", "type:share")]:
         with pytest.raises(SystemExit, match=says):
             prepare.main(["--out", str(tmp_path / "b"), *flags, "--direct", bad])
-
-
-def test_say_shape(tmp_path):
-    """The oracle first says the shape it sees on a question image of one landmark (whole, twohop),
-    in the words of a visual answer (--say-shape); without it, prepare.py writes the same trajectories without that sentence."""
-    import random
-    prepare = prepare_module()
-    flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "whole:0.4,crop:0.3,twohop:0.3", "--redated", "0"]
-    prepare.main(["--out", str(tmp_path / "a"), *flags, "--say-shape"])
-    prepare.main(["--out", str(tmp_path / "b"), *flags])
-    assert digest(tmp_path / "a") == digest(tmp_path / "b")   # the same world, tasks and scenes
-    entities = prepare.make_entities(30, random.Random(0), twins=True)   # the world's first draws
-    tasks = {t["id"]: t for t in core.load_jsonl(tmp_path / "a" / "train.jsonl")}
-    said = 0
-    for a, b in zip(*(core.load_jsonl(tmp_path / w / "sft.jsonl") for w in "ab")):
-        task, first_a, first_b = tasks[a["id"]], a["messages"][2]["content"], b["messages"][2]["content"]
-        e = entities[task["entity"]]
-        seen = f"<think>I can see the {e['kind']}: it shows a {e['shape']}. "
-        if task["type"] in ("whole", "twohop"):
-            assert first_a == seen + first_b[len("<think>"):], first_a
-            said += 1
-        else:
-            assert first_a == first_b and "shows a" not in first_a
-        assert a["messages"][3:] == b["messages"][3:]
-    assert said > 10

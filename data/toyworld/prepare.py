@@ -243,7 +243,7 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, say_shape=False):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -255,17 +255,14 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, s
     The oracle sees what the tools will return: box(corner) is a corner's box in the policy's
     convention, see(corner or None) the image search's results on that crop (or the whole image),
     find(query) the text search's; by_url maps a url to its landmark as the pages read tell it
-    (their year: a re-dated copy's own). With `say_shape`, a question image that shows one landmark
-    (`whole`, `twohop`) is first described as a `visual` answer describes it."""
+    (their year: a re-dated copy's own)."""
     call = core.format_tool_call
     e = entities[task["entity"]]
     kind = e["kind"]
-    seen = f"I can see the {kind}: it shows a {e['shape']}."   # what the image alone tells
     if task["type"] == "visual":
-        return [f"<think>{seen}</think>\n<answer>{e['shape']}</answer>"]
-    opening = f"{seen} " if say_shape and task["type"] in ("whole", "twohop") else ""
+        return [f"<think>I can see the {kind}: it shows a {e['shape']}.</think>\n<answer>{e['shape']}</answer>"]
     if task["direct"]:
-        return [f"<think>{opening}I know this {kind}: it is the {e['title']}.</think>\n<answer>{task['answers'][0]}</answer>"]
+        return [f"<think>I know this {kind}: it is the {e['title']}.</think>\n<answer>{task['answers'][0]}</answer>"]
     turns, hits = [], None
     if task["type"] == "hard":
         think = f"I will look for the {kind}, starting with the image's {order[0]} corner."
@@ -283,7 +280,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, s
         if task["type"] == "crop":
             turns.append(f"<think>The question is about the image's {task['corner']} corner. I will zoom in there.</think>\n"
                          + call("crop", {"image": 0, "bbox_2d": box(task["corner"])}))
-        turns.append(f"<think>{opening}I do not know this {kind}. I will search for the image.</think>\n"
+        turns.append(f"<think>I do not know this {kind}. I will search for the image.</think>\n"
                      + call("image_search", {"image": 1 if task["type"] == "crop" else 0}))
         hits = see(task["corner"])
         if task["type"] == "twohop":
@@ -330,10 +327,6 @@ def main(argv=None):
     ap.add_argument("--hard-direct", type=float, default=0.0, help="share of hard oracle trajectories answered "
                     "from memory at once, as --direct does for the other knowledge questions (off by default: "
                     "the hard path's trial and error is then all the SFT data shows)")
-    ap.add_argument("--say-shape", action=argparse.BooleanOptionalAction, default=False, help="the oracle first says "
-                    "the shape it sees on a question image of one landmark (whole, twohop), as it does to answer a "
-                    "visual question: 3.6 times the visual questions' signal for the vision tower, a few tokens "
-                    "each (measured 2026-12-03 and not adopted: data/toyworld/NOTES.md)")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -476,7 +469,7 @@ def main(argv=None):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo, args.say_shape)
+                                order, typo)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
