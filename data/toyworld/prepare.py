@@ -327,8 +327,6 @@ def main(argv=None):
     ap.add_argument("--hard-direct", type=float, default=0.0, help="share of hard oracle trajectories answered "
                     "from memory at once, as --direct does for the other knowledge questions (off by default: "
                     "the hard path's trial and error is then all the SFT data shows)")
-    ap.add_argument("--visual-repeats", type=int, default=1, help="each visual SFT trajectory written this many "
-                    "times: the only SFT data that teaches the vision tower")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -509,8 +507,6 @@ def main(argv=None):
         for k, (right, n) in seen.items():
             stats[k] = [stats[k][0] + right, stats[k][1] + n]
         redated_records += [dict(r, pages=f"sft_pages/corpus_{v}.jsonl", answers=[years[r["id"]]]) for r in kept]
-    visual = {t["id"] for t in train if t["type"] == "visual"}
-    records = [r for r in records for _ in range(args.visual_repeats if r["id"] in visual else 1)]
     records = sorted(records * args.views + redated_records, key=lambda r: r["id"])   # each habit keeps its share
     expert_records, _ = replay([r for r in rows if (r["id"], None) in experts], experts, "expert_crops")
     core.write_jsonl(out / "expert.jsonl", expert_records)
