@@ -300,6 +300,11 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
     return turns
 
 
+def type_shares(text):
+    """'visual:0.2,whole:0.3' -> {"visual": 0.2, "whole": 0.3} (--mix, --direct); ValueError if malformed."""
+    return {k: float(v) for k, v in (part.split(":") for part in text.split(","))}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).parent / "out"), help="output folder")
@@ -343,7 +348,7 @@ def main(argv=None):
               "--redated": args.redated, "--typos": args.typos,
               "--hard-direct": args.hard_direct}
     try:
-        from_memory = ({k: float(v) for k, v in (part.split(":") for part in args.direct.split(","))} if ":" in args.direct
+        from_memory = (type_shares(args.direct) if ":" in args.direct
                        else dict.fromkeys(RECOGNISABLE, float(args.direct)))
     except ValueError:
         raise SystemExit(f"--direct {args.direct!r}: want a share, or type:share pairs, e.g. whole:0.5,crop:0.25") from None
@@ -364,7 +369,7 @@ def main(argv=None):
     if not 1 <= args.views <= REDATED:
         raise SystemExit(f"--views {args.views}: want 1 to {REDATED} (the re-dated copies of the corpus)")
     try:
-        mix = {k: float(v) for k, v in (part.split(":") for part in args.mix.split(","))}
+        mix = type_shares(args.mix)
     except ValueError:
         raise SystemExit(f"--mix {args.mix!r}: want type:share pairs, e.g. visual:0.2,whole:0.3,crop:0.5") from None
     if not set(mix) <= set(QUESTIONS):
