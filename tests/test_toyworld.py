@@ -194,8 +194,8 @@ def test_hard_direct(tmp_path):
 
 
 def test_direct_per_question_type(tmp_path):
-    """--direct whole:1: every whole training question from memory, crop and twohop always searched,
-    the same tasks otherwise; a type that is not whole, crop or twohop, or a share outside 0-1, is refused."""
+    """--direct whole:1: every whole training question from memory, crop and twohop always searched;
+    a type that is not whole, crop or twohop, a share outside 0-1, or a malformed value is refused."""
     prepare = prepare_module()
     flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "whole:0.5,crop:0.3,twohop:0.2", "--redated", "0"]
     stats = prepare.main(["--out", str(tmp_path / "a"), *flags, "--direct", "whole:1"])
