@@ -243,7 +243,7 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, say_url=False):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, say_url=False, hard_image_s=True):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -256,7 +256,9 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, s
     convention, see(corner or None) the image search's results on that crop (or the whole image),
     find(query) the text search's; by_url maps a url to its landmark as the pages read tell it
     (their year: a re-dated copy's own). With `say_url`, the think before each visit names the url it
-    will open, copied from the search result (the call then repeats it a few tokens on)."""
+    will open, copied from the search result (the call then repeats it a few tokens on). Without
+    `hard_image_s`, the hard path names its corners as "the top-left corner", not "the image's
+    top-left corner": "image's" then comes before a corner only where the corner is the question's."""
     call = core.format_tool_call
 
     def read(think, url, goal=None):   # the think and the visit call that opens a search hit
@@ -270,7 +272,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, s
         return [f"<think>I know this {kind}: it is the {e['title']}.</think>\n<answer>{task['answers'][0]}</answer>"]
     turns, hits = [], None
     if task["type"] == "hard":
-        think = f"I will look for the {kind}, starting with the image's {order[0]} corner."
+        the = "the image's" if hard_image_s else "the"
+        think = f"I will look for the {kind}, starting with {the} {order[0]} corner."
         for n, corner in enumerate(order, 1):
             turns.append(f"<think>{think}</think>\n" + call("crop", {"image": 0, "bbox_2d": box(corner)}))
             turns.append("<think>I will search for this part of the image.</think>\n" + call("image_search", {"image": n}))
@@ -278,7 +281,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, s
             found = by_url[hits[0]["url"]]["kind"]
             if found == kind or n == len(order):   # no corner left: the answer will be wrong and dropped
                 break
-            think = f"The top result is a {found}, not a {kind}. I will try the image's {order[n]} corner."
+            think = f"The top result is a {found}, not a {kind}. I will try {the} {order[n]} corner."
         turns.append(read(f"The top result is a {kind}. I will read it.", hits[0]["url"]))
     else:
         if task["type"] == "crop":
@@ -337,6 +340,9 @@ def main(argv=None):
                     "the hard path's trial and error is then all the SFT data shows)")
     ap.add_argument("--say-url", action="store_true", help="the think before each visit names the url it opens "
                     "(an experiment: a second, nearer copy of the page id)")
+    ap.add_argument("--hard-image-s", action=argparse.BooleanOptionalAction, default=True, help="the hard path "
+                    "names its corners as \"the image's top-left corner\" (--no-hard-image-s: \"the top-left "
+                    "corner\"; an experiment)")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -479,7 +485,7 @@ def main(argv=None):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo, args.say_url)
+                                order, typo, args.say_url, args.hard_image_s)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
