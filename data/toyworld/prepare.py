@@ -243,7 +243,7 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, say_url=False, hard_image_s=True):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, hard_image_s=True):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -255,15 +255,10 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, s
     The oracle sees what the tools will return: box(corner) is a corner's box in the policy's
     convention, see(corner or None) the image search's results on that crop (or the whole image),
     find(query) the text search's; by_url maps a url to its landmark as the pages read tell it
-    (their year: a re-dated copy's own). With `say_url`, the think before each visit names the url it
-    will open, copied from the search result (the call then repeats it a few tokens on). Without
-    `hard_image_s`, the hard path names its corners as "the top-left corner", not "the image's
-    top-left corner": "image's" then comes before a corner only where the corner is the question's."""
+    (their year: a re-dated copy's own). Without `hard_image_s`, the hard path names its corners as
+    "the top-left corner", not "the image's top-left corner": "image's" then comes before a corner
+    only where the corner is the question's."""
     call = core.format_tool_call
-
-    def read(think, url, goal=None):   # the think and the visit call that opens a search hit
-        think += f" It is at {url}." if say_url else ""
-        return f"<think>{think}</think>\n" + call("visit", {"url": url, "goal": goal or GOAL})
     e = entities[task["entity"]]
     kind = e["kind"]
     if task["type"] == "visual":
@@ -282,7 +277,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, s
             if found == kind or n == len(order):   # no corner left: the answer will be wrong and dropped
                 break
             think = f"The top result is a {found}, not a {kind}. I will try {the} {order[n]} corner."
-        turns.append(read(f"The top result is a {kind}. I will read it.", hits[0]["url"]))
+        turns.append(f"<think>The top result is a {kind}. I will read it.</think>\n"
+                     + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
     else:
         if task["type"] == "crop":
             turns.append(f"<think>The question is about the image's {task['corner']} corner. I will zoom in there.</think>\n"
@@ -291,7 +287,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, s
                      + call("image_search", {"image": 1 if task["type"] == "crop" else 0}))
         hits = see(task["corner"])
         if task["type"] == "twohop":
-            turns.append(read("I will read the top result to find its twin.", hits[0]["url"], TWIN_GOAL))
+            turns.append("<think>I will read the top result to find its twin.</think>\n"
+                         + call("visit", {"url": hits[0]["url"], "goal": TWIN_GOAL}))
             twin = entities[by_url[hits[0]["url"]]["twin"]]["title"]
             think = f"The page says: Its twin is the {twin}. I will search for it."
             wrong = misspelled(twin)
@@ -300,7 +297,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, s
                 think = f"No results. I will search for the name as the page writes it: {twin}."
             turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": twin}))
             hits = find(twin)
-        turns.append(read("I will read the top result.", hits[0]["url"]))
+        turns.append("<think>I will read the top result.</think>\n" + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
     year = by_url[hits[0]["url"]]["year"]
     turns.append(f"<think>The page says: Construction was completed in {year}.</think>\n<answer>{year}</answer>")
     return turns
@@ -338,8 +335,6 @@ def main(argv=None):
     ap.add_argument("--hard-direct", type=float, default=0.0, help="share of hard oracle trajectories answered "
                     "from memory at once, as --direct does for the other knowledge questions (off by default: "
                     "the hard path's trial and error is then all the SFT data shows)")
-    ap.add_argument("--say-url", action="store_true", help="the think before each visit names the url it opens "
-                    "(an experiment: a second, nearer copy of the page id)")
     ap.add_argument("--hard-image-s", action=argparse.BooleanOptionalAction, default=True, help="the hard path "
                     "names its corners as \"the image's top-left corner\" (--no-hard-image-s: \"the top-left "
                     "corner\"; an experiment)")
@@ -485,7 +480,7 @@ def main(argv=None):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo, args.say_url, args.hard_image_s)
+                                order, typo, args.hard_image_s)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
