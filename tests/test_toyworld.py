@@ -206,25 +206,3 @@ def test_direct_per_question_type(tmp_path):
     for bad, says in [("visual:0.5", "only whole, crop and twohop"), ("whole:1.5", "want 0 to 1"), ("half", "type:share")]:
         with pytest.raises(SystemExit, match=says):
             prepare.main(["--out", str(tmp_path / "b"), *flags, "--direct", bad])
-
-
-def test_hard_path_corner_words(tmp_path):
-    """--no-hard-image-s: the hard path names its corners as "the top-left corner", so "image's" comes
-    before a corner only in a crop question and the think that copies it; all else as without it."""
-    prepare = prepare_module()
-    flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "crop:0.5,hard:0.5", "--direct", "0"]
-    prepare.main(["--out", str(tmp_path / "a"), *flags, "--no-hard-image-s"])
-    prepare.main(["--out", str(tmp_path / "b"), *flags])
-    assert digest(tmp_path / "a") == digest(tmp_path / "b")   # the same world, tasks and scenes
-    tasks = {t["id"]: t for t in core.load_jsonl(tmp_path / "a" / "train.jsonl")}
-    renamed = 0
-    for a, b in zip(*(core.load_jsonl(tmp_path / w / "sft.jsonl") for w in "ab")):
-        hard = tasks[a["id"]]["type"] == "hard"
-        for turn_a, turn_b in zip(a["messages"], b["messages"], strict=True):
-            if hard and turn_a["role"] == "assistant":
-                assert "image's" not in turn_a["content"]
-                assert turn_a["content"] == turn_b["content"].replace("the image's ", "the ")
-                renamed += turn_a != turn_b
-            else:
-                assert turn_a == turn_b
-    assert renamed > 20

@@ -16,7 +16,9 @@ On the hard questions' SFT trajectories it also scores the kind check: after eac
 the think copies the top hit's kind ("The top result is a gate") and the next token decides,
 "." to read that page (the asked kind) or "," to try another corner; it prints the mean
 probability of the kind copied and of the decision, apart for a match and a miss (a model that
-does not compare the kinds gives both about the same). run.py
+does not compare the kinds gives both about the same). On the crop questions' SFT trajectories
+(the first 200) it scores the corner the first think copies from the question ("The question is
+about the image's bottom-right corner": " bottom" and "-right"; a guess is about 0.5). run.py
 keeps one checkpoint; for a curve, train with `train_sft.py --save-every 250 --keep-last 20`.
 Appends one JSON line per checkpoint to copy_probe.jsonl in the run folder (re-running skips
 those done).
@@ -36,6 +38,7 @@ URL_DIGIT = re.compile(r"page/\d*$")           # the text before a digit of a vi
 YEAR_DIGIT = re.compile(r"completed in \d*$")  # ... before a digit of the year quoted from the page
 HIT_KIND = re.compile(r"<think>The top result is a$")      # before the kind copied from the hit
 DECISION = re.compile(r"<think>The top result is a \w+$")  # before "." (read it) or "," (another corner)
+CORNER = re.compile(r"<think>The question is about the image's(?: top| bottom)?$")   # before " top", "-left" ...
 
 
 def written_probabilities(policy, records, root, batch=16):
@@ -82,6 +85,12 @@ def kind_check(policy, records, root):
     return kind, match, miss
 
 
+def corner_copy(policy, records, root):
+    """On crop trajectories: the probabilities of the corner's words the first think copies from the question."""
+    return [p for tokens in written_probabilities(policy, records, root) for text, piece, p in tokens
+            if CORNER.search(text)]
+
+
 def mean(xs):
     return sum(xs) / max(1, len(xs))
 
@@ -96,8 +105,10 @@ def main(argv=None):
     records = core.load_jsonl(expert) if expert.exists() else []
     if not records:
         raise SystemExit(f"copy_probe: no trajectories in {expert} (a world without hard questions?): nothing to score")
-    hard_ids = {t["id"] for t in core.load_jsonl(world / "train.jsonl") if t["type"] == "hard"}
-    hard = [r for r in core.load_jsonl(world / "sft.jsonl") if r["id"] in hard_ids]
+    types = {t["id"]: t["type"] for t in core.load_jsonl(world / "train.jsonl")}
+    sft = core.load_jsonl(world / "sft.jsonl")
+    hard = [r for r in sft if types[r["id"]] == "hard"]
+    crop = [r for r in sft if types[r["id"]] == "crop"][:200]
     checkpoints = [c for c in sorted(run.glob("step_*")) + [run / "final"] if (c / "config.json").exists()]
     if not checkpoints:
         raise SystemExit(f"copy_probe: no checkpoints in {run} (step_*/ or final/ with a config.json)")
@@ -110,13 +121,16 @@ def main(argv=None):
         policy = core.load_policy(ckpt)
         url, year = copy_probabilities(policy, records, world)
         kind, match, miss = kind_check(policy, hard, world)
+        corner = corner_copy(policy, crop, world)
         row = {"checkpoint": ckpt.name, "url_p": mean(url), "url_digits": len(url), "year_p": mean(year),
                "year_digits": len(year), "kind_p": mean(kind), "kinds": len(kind), "read_on_match_p": mean(match),
-               "matches": len(match), "go_on_after_miss_p": mean(miss), "misses": len(miss)}
+               "matches": len(match), "go_on_after_miss_p": mean(miss), "misses": len(miss),
+               "corner_p": mean(corner), "corner_tokens": len(corner)}
         print(f"{ckpt.name}: url digits p {row['url_p']:.3f} (of {len(url)}), quoted year digits p "
               f"{row['year_p']:.3f} (of {len(year)}); hard: the hit's kind p {row['kind_p']:.3f} (of {len(kind)}), "
               f"read it on a match p {row['read_on_match_p']:.3f} (of {len(match)}), another corner after a miss p "
-              f"{row['go_on_after_miss_p']:.3f} (of {len(miss)})", flush=True)
+              f"{row['go_on_after_miss_p']:.3f} (of {len(miss)}); crop: the question's corner p "
+              f"{row['corner_p']:.3f} (of {len(corner)})", flush=True)
         with open(out, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)

@@ -243,7 +243,7 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, hard_image_s=True):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -255,9 +255,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, h
     The oracle sees what the tools will return: box(corner) is a corner's box in the policy's
     convention, see(corner or None) the image search's results on that crop (or the whole image),
     find(query) the text search's; by_url maps a url to its landmark as the pages read tell it
-    (their year: a re-dated copy's own). Without `hard_image_s`, the hard path names its corners as
-    "the top-left corner", not "the image's top-left corner": "image's" then comes before a corner
-    only where the corner is the question's."""
+    (their year: a re-dated copy's own)."""
     call = core.format_tool_call
     e = entities[task["entity"]]
     kind = e["kind"]
@@ -267,8 +265,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, h
         return [f"<think>I know this {kind}: it is the {e['title']}.</think>\n<answer>{task['answers'][0]}</answer>"]
     turns, hits = [], None
     if task["type"] == "hard":
-        the = "the image's" if hard_image_s else "the"
-        think = f"I will look for the {kind}, starting with {the} {order[0]} corner."
+        think = f"I will look for the {kind}, starting with the image's {order[0]} corner."
         for n, corner in enumerate(order, 1):
             turns.append(f"<think>{think}</think>\n" + call("crop", {"image": 0, "bbox_2d": box(corner)}))
             turns.append("<think>I will search for this part of the image.</think>\n" + call("image_search", {"image": n}))
@@ -276,7 +273,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, h
             found = by_url[hits[0]["url"]]["kind"]
             if found == kind or n == len(order):   # no corner left: the answer will be wrong and dropped
                 break
-            think = f"The top result is a {found}, not a {kind}. I will try {the} {order[n]} corner."
+            think = f"The top result is a {found}, not a {kind}. I will try the image's {order[n]} corner."
         turns.append(f"<think>The top result is a {kind}. I will read it.</think>\n"
                      + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
     else:
@@ -335,9 +332,6 @@ def main(argv=None):
     ap.add_argument("--hard-direct", type=float, default=0.0, help="share of hard oracle trajectories answered "
                     "from memory at once, as --direct does for the other knowledge questions (off by default: "
                     "the hard path's trial and error is then all the SFT data shows)")
-    ap.add_argument("--hard-image-s", action=argparse.BooleanOptionalAction, default=True, help="the hard path "
-                    "names its corners as \"the image's top-left corner\" (--no-hard-image-s: \"the top-left "
-                    "corner\"; an experiment)")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -480,7 +474,7 @@ def main(argv=None):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo, args.hard_image_s)
+                                order, typo)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
