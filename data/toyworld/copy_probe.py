@@ -16,8 +16,8 @@ On the hard questions' SFT trajectories it also scores the kind check: after eac
 the think copies the top hit's kind ("The top result is a gate") and the next token decides,
 "." to read that page (the asked kind) or "," to try another corner; it prints the mean
 probability of the kind copied and of the decision, apart for a match and a miss (a model that
-does not compare the kinds gives both about the same). On the crop questions' SFT trajectories
-(the first 200) it scores the corner the first think copies from the question ("The question is
+does not compare the kinds gives both about the same). On the crop questions' searched SFT
+trajectories (the first 200) it scores the corner the first think copies from the question ("The question is
 about the image's bottom-right corner": " bottom" and "-right"; a guess is about 0.5). run.py
 keeps one checkpoint; for a curve, train with `train_sft.py --save-every 250 --keep-last 20`.
 Appends one JSON line per checkpoint to copy_probe.jsonl in the run folder (re-running skips
@@ -108,7 +108,7 @@ def main(argv=None):
     types = {t["id"]: t["type"] for t in core.load_jsonl(world / "train.jsonl")}
     sft = core.load_jsonl(world / "sft.jsonl")
     hard = [r for r in sft if types[r["id"]] == "hard"]
-    crop = [r for r in sft if types[r["id"]] == "crop"][:200]
+    crop = [r for r in sft if types[r["id"]] == "crop" and len(r["messages"]) > 3][:200]   # searched (a memory answer: one turn)
     checkpoints = [c for c in sorted(run.glob("step_*")) + [run / "final"] if (c / "config.json").exists()]
     if not checkpoints:
         raise SystemExit(f"copy_probe: no checkpoints in {run} (step_*/ or final/ with a config.json)")
