@@ -293,7 +293,8 @@ def _patch_embed_forward(self, pixels):
 
 def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidden=64, layers=2,
                       heads=4, kv_heads=2, intermediate=None, vision_hidden=32, vision_depth=2,
-                      max_pixels=112 * 112, model_vocab=None, tie_embeddings=False, vision_window=112, seed=0):
+                      max_pixels=112 * 112, model_vocab=None, tie_embeddings=False, vision_window=112, seed=0,
+                      init_std=None):
     """Train a byte-level BPE tokenizer on `texts`, build a random tiny VLM of the real
     architecture (`family` = "qwen2_5_vl" or "qwen3_vl"), and save model, tokenizer and image
     processor with `save_pretrained`. Returns the folder; `load_policy(folder)` loads it back.
@@ -302,7 +303,11 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
     model_vocab=151936) work the same. model_vocab: output rows (default: the tokenizer's, rounded
     up past it to a multiple of 64). tie_embeddings: the output layer shares the input embedding,
     as in Qwen2.5-VL-3B. vision_window: Qwen2.5-VL's windowed vision attention, in pixels (its own
-    112: 8 x 8 patches; Qwen3-VL has none). The tags that are single tokens follow the family (ADDED_TAGS)."""
+    112: 8 x 8 patches; Qwen3-VL has none). The tags that are single tokens follow the family (ADDED_TAGS).
+    init_std: the weights' initial standard deviation (default: the configs' 0.02, made for widths in
+    the thousands; 1/sqrt(hidden) is the fan-in scale). At width 128, 0.02 leaves the attention
+    scores so small that each token attends almost evenly to the whole context for hundreds of
+    SFT steps (data/toyworld/NOTES.md, "The tiny model's initial weights")."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import AutoModelForImageTextToText, PreTrainedTokenizerFast
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -366,6 +371,8 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
         vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                       num_heads=2, out_hidden_size=hidden, patch_size=patch, spatial_merge_size=2,
                       deepstack_visual_indexes=[0], num_position_embeddings=64)
+    if init_std:
+        text["initializer_range"] = vision["initializer_range"] = init_std
     config = Config(text_config=text, vision_config=vision, tie_word_embeddings=bool(tie_embeddings), **token_ids)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config)

@@ -282,6 +282,17 @@ def test_tiny_policy_round_trips_through_save_pretrained(policy, tiny_dir):
     assert 1e5 < sum(p.numel() for p in policy.model.parameters()) < 5e6
 
 
+@pytest.mark.parametrize("init_std", [None, 64 ** -0.5])
+def test_tiny_policy_weights_start_at_the_asked_scale(tmp_path, init_std):
+    """build_tiny_policy draws its weights (language model and vision tower) at init_std, by default 0.02."""
+    folder = core.build_tiny_policy(tmp_path / "m", ["a few words for the tokenizer"] * 10, hidden=64, init_std=init_std)
+    weights = core.load_policy(folder).model.state_dict()
+    want = init_std or 0.02
+    for name in ("model.language_model.layers.0.self_attn.q_proj.weight", "model.language_model.embed_tokens.weight",
+                 "model.visual.blocks.0.attn.qkv.weight"):
+        assert abs(float(weights[name].std()) - want) < 0.1 * want, name
+
+
 def test_hub_id_offline_fails_fast(monkeypatch):
     import time
     monkeypatch.setattr(core, "_hub_reachable", lambda timeout=3.0: False)

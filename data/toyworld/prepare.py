@@ -339,6 +339,8 @@ def main(argv=None):
                     "oracle's and the policy's; small: fewer visual tokens, and the search tool needs no more)")
     ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tiny tokenizer")
     ap.add_argument("--hidden", type=int, default=128, help="tiny model's width (2 layers)")
+    ap.add_argument("--init-std", type=float, default=None, help="tiny model's initial weight scale "
+                    "(default the configs' 0.02; NOTES.md has 0.088 and 0.05 measured)")
     ap.add_argument("--max-pixels", type=int, default=224 * 168, help="tiny model's image budget (pixels)")
     ap.add_argument("--vision-window", type=int, default=112, help="tiny model's vision attention windows in pixels "
                     "(Qwen2.5-VL's 112; worlds before 2026-12-01, evening, used 56)")
@@ -427,7 +429,8 @@ def main(argv=None):
     texts += [core.format_tool_call("visit", {"url": URL.format(page=e["page"]), "goal": g}) for e in entities
               for g in ((GOAL, TWIN_GOAL) if "twin" in e else (GOAL,))]
     core.build_tiny_policy(out / "model", texts, vocab_size=args.vocab, hidden=args.hidden, max_pixels=args.max_pixels,
-                           tie_embeddings=True, vision_window=args.vision_window)   # as small Qwen models do
+                           tie_embeddings=True, vision_window=args.vision_window,   # as small Qwen models do
+                           init_std=args.init_std)
     policy = core.load_policy(out / "model")
 
     # 4. oracle trajectories through the real loop and tools, kept where the answer is right
