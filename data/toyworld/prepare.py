@@ -243,7 +243,7 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, give_up=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -255,7 +255,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
     The oracle sees what the tools will return: box(corner) is a corner's box in the policy's
     convention, see(corner or None) the image search's results on that crop (or the whole image),
     find(query) the text search's; by_url maps a url to its landmark as the pages read tell it
-    (their year: a re-dated copy's own)."""
+    (their year: a re-dated copy's own). `give_up`: after a first corner whose top hit is of another
+    kind, answer from memory instead of trying the next corner (see --hard-memory)."""
     call = core.format_tool_call
     e = entities[task["entity"]]
     kind = e["kind"]
@@ -273,7 +274,11 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False):
             found = by_url[hits[0]["url"]]["kind"]
             if found == kind or n == len(order):   # no corner left: the answer will be wrong and dropped
                 break
-            think = f"The top result is a {found}, not a {kind}. I will try the image's {order[n]} corner."
+            think = f"The top result is a {found}, not a {kind}."
+            if give_up:
+                return turns + [f"<think>{think} I know the {kind} in this image: it is the {e['title']}.</think>\n"
+                                f"<answer>{task['answers'][0]}</answer>"]
+            think += f" I will try the image's {order[n]} corner."
         turns.append(f"<think>The top result is a {kind}. I will read it.</think>\n"
                      + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
     else:
@@ -332,6 +337,9 @@ def main(argv=None):
     ap.add_argument("--hard-direct", type=float, default=0.0, help="share of hard oracle trajectories answered "
                     "from memory at once, as --direct does for the other knowledge questions (off by default: "
                     "the hard path's trial and error is then all the SFT data shows)")
+    ap.add_argument("--hard-memory", type=float, default=0.0, help="share of hard oracle trajectories whose first "
+                    "corner shows another kind that answer from memory there instead of trying the next corner: a "
+                    "cold start that explores too little, as Mini-o3's does (NOTES.md)")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -348,7 +356,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     shares = {"--test-fraction": args.test_fraction, "--val-fraction": args.val_fraction, "--unseen": args.unseen,
               "--redated": args.redated, "--typos": args.typos,
-              "--hard-direct": args.hard_direct}
+              "--hard-direct": args.hard_direct, "--hard-memory": args.hard_memory}
     try:
         from_memory = (type_shares(args.direct) if ":" in args.direct
                        else dict.fromkeys(RECOGNISABLE, float(args.direct)))
@@ -462,6 +470,7 @@ def main(argv=None):
     rows = [dict(t, _root=str(out)) for t in train]
     scripts, experts, variant = {}, {}, {}   # scripts/experts[task id, view]; variant[view][task id]: the answer there
     typo_rng = random.Random(args.seed + 1)   # its own stream too
+    memory_rng = random.Random(args.seed + 4)  # and --hard-memory's
     shown_sizes = {}
     for task in rows:   # the oracle sees what the tools will return: the same crops, the same searches
         image = core.load_image(out / task["image"])
@@ -472,18 +481,20 @@ def main(argv=None):
         def box(corner):
             return oracle_box(corner, policy.crop_convention, shown)
 
-        def oracle(view, order=(), typo=False):   # the oracle's turns, reading this view of the web
+        def oracle(view, order=(), typo=False, give_up=False):   # the oracle's turns, reading this view of the web
             def see(corner):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo)
+                                order, typo, give_up)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
             experts[task["id"], None] = oracle(real, order=(task["corner"],))
         typo = task["type"] == "twohop" and typo_rng.random() < args.typos
-        searched = task["type"] != "visual" and not task["direct"]
+        # a miss answered from memory reads no page, so it answers the true year (no re-dated view)
+        give_up = bool(order) and order[0] != task["corner"] and memory_rng.random() < args.hard_memory
+        searched = task["type"] != "visual" and not task["direct"] and not give_up
         if searched and redated_rng.random() < args.redated:
             first = redated_rng.randrange(REDATED)
             views = [first] + redated_rng.sample([v for v in range(REDATED) if v != first], args.views - 1)
@@ -492,7 +503,7 @@ def main(argv=None):
                 variant.setdefault(v, {})[task["id"]] = redated[v]["years"][asked]
                 scripts[task["id"], v] = oracle(redated[v], order, typo)
         else:
-            scripts[task["id"], None] = oracle(real, order, typo)
+            scripts[task["id"], None] = oracle(real, order, typo, give_up)
 
     def replay(rows, scripts, crops, v=None):
         """The scripted turns (scripts[task id, v]) through the real rollout loop and tools on view v
