@@ -193,6 +193,27 @@ def test_hard_direct(tmp_path):
         assert r["messages"][-1]["content"].startswith("<think>I know this ")
 
 
+def test_hard_memory(tmp_path):
+    """--hard-memory 1: every hard trajectory whose first corner shows another kind answers from
+    memory right after it (crop, image search, answer); the others read the page as before, and
+    the tasks stay as they were."""
+    prepare = prepare_module()
+    prepare.main(["--out", str(tmp_path / "a"), *HARD_ONLY])
+    stats = prepare.main(["--out", str(tmp_path / "b"), *HARD_ONLY, "--hard-memory", "1"])
+    for split in ("train", "val", "test"):
+        a, b = (core.load_jsonl(tmp_path / w / f"{split}.jsonl") for w in "ab")
+        assert [dict(t, _root=None) for t in a] == [dict(t, _root=None) for t in b], split
+    gave_up = 0
+    for r in core.load_jsonl(tmp_path / "b" / "sft.jsonl"):
+        thinks = [m["content"] for m in r["messages"] if m["role"] == "assistant"]
+        if "I know the" in thinks[-1]:
+            gave_up += 1
+            assert len(thinks) == 3 and ", not a " in thinks[-1] and "<answer>" in thinks[-1]
+        else:
+            assert "The top result is a" in thinks[-2] and '"visit"' in thinks[-2] and len(thinks) == 4
+    assert gave_up > 0 and stats["recovered"] == 0
+
+
 def test_direct_per_question_type(tmp_path):
     """--direct whole:1: every whole training question from memory, crop and twohop always searched;
     a type that is not whole, crop or twohop, a share outside 0-1, or a malformed value is refused."""
