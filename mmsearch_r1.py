@@ -371,7 +371,7 @@ def build_tiny_policy(out_dir, texts, family="qwen2_5_vl", vocab_size=512, hidde
         vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                       num_heads=2, out_hidden_size=hidden, patch_size=patch, spatial_merge_size=2,
                       deepstack_visual_indexes=[0], num_position_embeddings=64)
-    if init_std:
+    if init_std is not None:
         text["initializer_range"] = vision["initializer_range"] = init_std
     config = Config(text_config=text, vision_config=vision, tie_word_embeddings=bool(tie_embeddings), **token_ids)
     torch.manual_seed(seed)
