@@ -26,6 +26,7 @@ def test_main_command_fast_variant(tmp_path):
         assert row in table, row
     assert json.loads((out / "grpo" / "args.json").read_text())["max_turns"] == 6      # Mini-o3: a short budget
     assert json.loads((out / "eval_grpo" / "summary.json").read_text())["settings"]["max_turns"] == 8   # more at test
+    assert "sft: on hard, " in table and "grpo: on hard, " in table
     assert "answered with the page's (moved) year" in table and (out / "eval_grpo_moved" / "summary.json").exists()
     moved = (out / "world" / "corpus_moved.jsonl").read_text()
     assert "completed in" in moved and moved != (out / "world" / "corpus.jsonl").read_text()
@@ -127,6 +128,23 @@ def test_stage_table_counts_unseen_landmarks_apart():
     row = run.stage_table("grpo", results, {"a": "whole", "b": "whole", "c": "visual"}, unseen={"b"})
     assert row["acc"] == 2 / 3 and row["acc whole"] == 0.5 and row["acc unseen"] == 0.0
     assert "acc unseen" not in run.stage_table("grpo", results, {"a": "whole", "b": "whole", "c": "visual"})
+
+
+def test_hard_line_reads_what_follows_each_image_search():
+    sys.path.insert(0, str(ROOT / "data" / "toyworld"))
+    import run
+    def hit(kind):
+        return {"role": "tool", "content": [{"type": "text", "text": f"image_search {{}}\n1. Kalo (u)\n   Kalo, a {kind} in Renville."}]}
+    def call(name):
+        return {"role": "assistant", "content": f'<think>.</think>\n<tool_call>\n{{"name": "{name}", "arguments": {{}}}}\n</tool_call>'}
+    tries = [hit("tower"), call("crop"), hit("statue"), call("visit")]   # a miss, another corner, a match, a visit
+    gives_up = [hit("gate"), {"role": "assistant", "content": "<think>.</think>\n<answer>1900</answer>"}]
+    results = [{"id": "h", "samples": [{"trajectory": {"messages": tries}}, {"trajectory": {"messages": gives_up}}]},
+               {"id": "w", "samples": [{"trajectory": {"messages": [hit("bridge"), call("visit")]}}]}]
+    tasks = {"h": {"type": "hard", "question": "In what year was the statue in this image completed?"},
+             "w": {"type": "whole", "question": "In what year was this bridge completed?"}}
+    assert run.hard_line("sft", results, tasks) == "sft: on hard, after a miss: another corner 1, answer 1; after a match: visit 1"
+    assert run.hard_line("sft", results[1:], tasks) == "sft: on hard, no image search"
 
 
 def test_flags_for_a_stage_may_be_one_flag():

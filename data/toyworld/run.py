@@ -16,12 +16,14 @@ Stages, each a separate script run in its own process, the evals of a stage side
     year moved by 311): an agent that reads the page answers the moved year, one that recalls the
     landmark the true one.
 Then a table per stage (accuracy overall, per question type and on landmarks no training task
-shows; tool use, turns, finish reasons) and the moved-page counts are printed and written to results.md, and curves.html draws the training curves.
+shows; tool use, turns, finish reasons), the moved-page counts and what the model does on `hard` after
+each image search (hard_line) are printed and written to results.md, and curves.html draws the training curves.
 """
 import argparse
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,6 +192,30 @@ def reading_line(stage, results, tasks):
             f"{memory} with the true year")
 
 
+def hard_line(stage, results, tasks):
+    """What the model did on `hard` after each image search: after a miss (the top hit is of
+    another kind than the question asks) another corner, a visit or an answer; after a match the same."""
+    after = Counter()
+    for r in results:
+        task = tasks[r["id"]]
+        if task["type"] != "hard" or "error" in r:
+            continue
+        asked = re.search(r"the (\w+) in this image", task["question"]).group(1)
+        for s in r["samples"]:
+            messages = s["trajectory"]["messages"]
+            for m, reply in zip(messages, messages[1:]):
+                text = m["content"] if isinstance(m["content"], str) else " ".join(p.get("text", "") for p in m["content"])
+                if m["role"] != "tool" or not text.startswith("image_search"):
+                    continue
+                kind = re.search(r", an? (\w+) in ", text)   # the snippet: "Kalomi Tower, a tower in Renville."
+                call = re.search(r'"name": "(\w+)"', str(reply["content"]))
+                act = {"crop": "another corner"}.get(call and call[1], call[1] if call else "answer")
+                after["match" if kind and kind[1] == asked else "miss", act] += 1
+    said = [f"after a {hit}: " + ", ".join(f"{act} {n}" for (h, act), n in sorted(after.items()) if h == hit)
+            for hit in ("miss", "match") if any(h == hit for h, _ in after)]
+    return f"{stage}: on hard, " + ("; ".join(said) if said else "no image search")
+
+
 def markdown(rows):
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
@@ -310,7 +336,11 @@ def main(argv=None):
     by_id = {t["id"]: t for t in test}
     reading = [reading_line(stage, [json.loads(line) for line in (out / f"eval_{stage}_moved" / "results.jsonl")
                                     .read_text().splitlines()], by_id) for stage in ("sft", "grpo")]
-    table = markdown(rows) + "\n\nOn moved pages (every year moved by 311):\n" + "\n".join(f"- {line}" for line in reading)
+    hard = [hard_line(stage, [json.loads(line) for line in (out / f"eval_{stage}" / "results.jsonl").read_text()
+                              .splitlines()], by_id) for stage in ("sft", "grpo")]
+    table = (markdown(rows) + "\n\nOn moved pages (every year moved by 311):\n" + "\n".join(f"- {line}" for line in reading)
+             + "\n\nWhat the model does after an image search on hard (a miss: the top hit is of another kind):\n"
+             + "\n".join(f"- {line}" for line in hard))
     minutes = (time.time() - t_start) / 60
     (out / "results.md").write_text(f"{table}\n\n{len(types)} held-out test tasks ({len(unseen)} knowledge questions "
                                     f"about landmarks no training task shows: acc unseen), greedy; this run {minutes:.1f} min\n")
