@@ -139,11 +139,13 @@ def test_hard_line_reads_what_follows_each_image_search():
         return {"role": "assistant", "content": f'<think>.</think>\n<tool_call>\n{{"name": "{name}", "arguments": {{}}}}\n</tool_call>'}
     tries = [hit("tower"), call("crop"), hit("statue"), call("visit")]   # a miss, another corner, a match, a visit
     gives_up = [hit("gate"), {"role": "assistant", "content": "<think>.</think>\n<answer>1900</answer>"}]
-    results = [{"id": "h", "samples": [{"trajectory": {"messages": tries}}, {"trajectory": {"messages": gives_up}}]},
+    broken = [hit("gate"), {"role": "assistant", "content": '<think>The top result is a "arguments": [4'}]
+    results = [{"id": "h", "samples": [{"trajectory": {"messages": m}} for m in (tries, gives_up, broken)]},
                {"id": "w", "samples": [{"trajectory": {"messages": [hit("bridge"), call("visit")]}}]}]
     tasks = {"h": {"type": "hard", "question": "In what year was the statue in this image completed?"},
              "w": {"type": "whole", "question": "In what year was this bridge completed?"}}
-    assert run.hard_line("sft", results, tasks) == "sft: on hard, after a miss: another corner 1, answer 1; after a match: visit 1"
+    assert run.hard_line("sft", results, tasks) == ("sft: on hard, after a miss: another corner 1, answer 1, "
+                                                    "neither (malformed) 1; after a match: visit 1")
     assert run.hard_line("sft", results[1:], tasks) == "sft: on hard, no image search"
 
 

@@ -194,7 +194,8 @@ def reading_line(stage, results, tasks):
 
 def hard_line(stage, results, tasks):
     """What the model did on `hard` after each image search: after a miss (the top hit is of
-    another kind than the question asks) another corner, a visit or an answer; after a match the same."""
+    another kind than the question asks) another corner, a visit, an answer or a reply with neither
+    a tool call nor an answer; after a match the same."""
     after = Counter()
     for r in results:
         task = tasks[r["id"]]
@@ -208,8 +209,10 @@ def hard_line(stage, results, tasks):
                 if m["role"] != "tool" or not text.startswith("image_search"):
                     continue
                 kind = re.search(r", an? (\w+) in ", text)   # the snippet: "Kalomi Tower, a tower in Renville."
-                call = re.search(r'"name": "(\w+)"', str(reply["content"]))
-                act = {"crop": "another corner"}.get(call and call[1], call[1] if call else "answer")
+                said = str(reply["content"])
+                call = re.search(r'"name": "(\w+)"', said)
+                act = ({"crop": "another corner"}.get(call[1], call[1]) if call
+                       else "answer" if "<answer>" in said else "neither (malformed)")
                 after["match" if kind and kind[1] == asked else "miss", act] += 1
     said = [f"after a {hit}: " + ", ".join(f"{act} {n}" for (h, act), n in sorted(after.items()) if h == hit)
             for hit in ("miss", "match") if any(h == hit for h, _ in after)]
