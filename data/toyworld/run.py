@@ -214,9 +214,9 @@ def hard_line(stage, results, tasks):
                 act = ({"crop": "another corner"}.get(call[1], call[1]) if call
                        else "answer" if "<answer>" in said else "neither (malformed)")
                 after["match" if kind and kind[1] == asked else "miss", act] += 1
-    said = [f"after a {hit}: " + ", ".join(f"{act} {n}" for (h, act), n in sorted(after.items()) if h == hit)
-            for hit in ("miss", "match") if any(h == hit for h, _ in after)]
-    return f"{stage}: on hard, " + ("; ".join(said) if said else "no image search")
+    parts = [f"after a {hit}: " + ", ".join(f"{act} {n}" for (h, act), n in sorted(after.items()) if h == hit)
+             for hit in ("miss", "match") if any(h == hit for h, _ in after)]
+    return f"{stage}: on hard, " + ("; ".join(parts) if parts else "no image search")
 
 
 def markdown(rows):
