@@ -331,16 +331,16 @@ def main(argv=None):
     for t in map(json.loads, (world / "train.jsonl").read_text().splitlines()):
         shown |= {t["entity"], *(t["corners"] or {}).values()}
     unseen = {t["id"] for t in test if t["type"] != "visual" and t["entity"] not in shown}
-    rows = []
+    def results(name):   # an eval's results.jsonl lines
+        return [json.loads(line) for line in (out / name / "results.jsonl").read_text().splitlines()]
+    rows, with_tools = [], {}
     for stage in ("init", "sft", "grpo"):
-        for suffix, label in [("", "tools"), ("_notools", "no tools")]:
-            lines = [json.loads(line) for line in (out / f"eval_{stage}{suffix}" / "results.jsonl").read_text().splitlines()]
-            rows.append(stage_table(f"{stage} ({label})", lines, types, unseen))
+        with_tools[stage] = results(f"eval_{stage}")
+        rows.append(stage_table(f"{stage} (tools)", with_tools[stage], types, unseen))
+        rows.append(stage_table(f"{stage} (no tools)", results(f"eval_{stage}_notools"), types, unseen))
     by_id = {t["id"]: t for t in test}
-    reading = [reading_line(stage, [json.loads(line) for line in (out / f"eval_{stage}_moved" / "results.jsonl")
-                                    .read_text().splitlines()], by_id) for stage in ("sft", "grpo")]
-    hard = [hard_line(stage, [json.loads(line) for line in (out / f"eval_{stage}" / "results.jsonl").read_text()
-                              .splitlines()], by_id) for stage in ("sft", "grpo")]
+    reading = [reading_line(stage, results(f"eval_{stage}_moved"), by_id) for stage in ("sft", "grpo")]
+    hard = [hard_line(stage, with_tools[stage], by_id) for stage in ("sft", "grpo")]
     table = (markdown(rows) + "\n\nOn moved pages (every year moved by 311):\n" + "\n".join(f"- {line}" for line in reading)
              + "\n\nWhat the model does after an image search on hard (a miss: the top hit is of another kind):\n"
              + "\n".join(f"- {line}" for line in hard))
