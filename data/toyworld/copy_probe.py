@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import mmsearch_r1 as core  # noqa: E402
 
 URL_DIGIT = re.compile(r"page/\d*$")           # the text before a digit of a visited page's id
-URL_LETTERS = re.compile(r"/[A-Z]+")            # a page id in letters, one token with its "/" (prepare.py --letter-ids)
 YEAR_DIGIT = re.compile(r"completed in \d*$")  # ... before a digit of the year quoted from the page
 HIT_KIND = re.compile(r"<think>The top result is a$")      # before the kind copied from the hit
 DECISION = re.compile(r"<think>The top result is a \w+$")  # before "." (read it) or "," (another corner)
@@ -66,9 +65,7 @@ def copy_probabilities(policy, records, root):
     url, year = [], []
     for tokens in written_probabilities(policy, records, root):
         for text, piece, p in tokens:
-            if URL_LETTERS.fullmatch(piece) and text.endswith("/page"):
-                url.append(p)
-            elif piece.isdigit():
+            if piece.isdigit():
                 which = url if URL_DIGIT.search(text) else year if YEAR_DIGIT.search(text) else None
                 if which is not None:
                     which.append(p)
