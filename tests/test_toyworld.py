@@ -227,24 +227,3 @@ def test_direct_per_question_type(tmp_path):
     for bad, says in [("visual:0.5", "only whole, crop and twohop"), ("whole:1.5", "want 0 to 1"), ("half", "type:share")]:
         with pytest.raises(SystemExit, match=says):
             prepare.main(["--out", str(tmp_path / "b"), *flags, "--direct", bad])
-
-
-def test_letter_ids(tmp_path):
-    """--letter-ids: each page id is its number spelled in ID_LETTERS (482 -> J-R-F), one letter a
-    token; the world is otherwise drawn as with digits, and every visit opens an id in letters."""
-    prepare = prepare_module()
-    prepare.main(["--out", str(tmp_path / "d"), *HARD_ONLY])
-    prepare.main(["--out", str(tmp_path / "l"), *HARD_ONLY, "--letter-ids"])
-    spell = {str(d): c for d, c in enumerate(prepare.ID_LETTERS)}
-    digits, letters = (core.load_jsonl(tmp_path / w / "corpus.jsonl") for w in ("d", "l"))
-    assert [re.sub(r"\d+$", lambda m: "-".join(spell[d] for d in m[0]), d["url"]) for d in digits] == \
-        [p["url"] for p in letters]
-    tasks = [[{k: v for k, v in t.items() if k != "_root"} for t in core.load_jsonl(tmp_path / w / "test.jsonl")]
-             for w in ("d", "l")]
-    assert tasks[0] == tasks[1]
-    visits = [m["content"] for r in core.load_jsonl(tmp_path / "l" / "sft.jsonl") for m in r["messages"]
-              if m["role"] == "assistant" and '"visit"' in m["content"]]
-    assert visits and all(re.search(r'page/[A-Z]-[A-Z]-[A-Z]"', v) for v in visits)
-    policy = core.load_policy(tmp_path / "l" / "model")
-    pieces = [policy.tokenizer.decode([i]) for i in policy.tokenizer(letters[0]["url"])["input_ids"]]
-    assert [re.sub(r"[^A-Z]", "", p) for p in pieces[-3:]] == list(letters[0]["url"][-5::2])   # one letter a token

@@ -9,7 +9,7 @@ only shows a copy the model also decides to use; this scores it directly. For ea
 the world's expert trajectories (the hard training tasks on the *real* pages, whose page ids no
 SFT trajectory shows: those all read renumbered copies, prepare.py --renumber) are run through
 the model teacher-forced, and it prints the mean probability the model gives each digit it writes
-in a visited url (or letter, --letter-ids) and in the year it quotes from the page (about 0.1 is a guess among ten digits;
+in a visited url and in the year it quotes from the page (about 0.1 is a guess among ten digits;
 the answer's digits, which repeat the quote a few tokens back, are not counted). In our runs the copy
 forms as a jump within a few hundred steps, the year before the id (README, lab notes).
 On the hard questions' SFT trajectories it also scores the kind check: after each image search
@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import mmsearch_r1 as core  # noqa: E402
 
 URL_DIGIT = re.compile(r"page/\d*$")           # the text before a digit of a visited page's id
-URL_LETTER = re.compile(r"page/?(?:[A-Z]-?)*$")  # ... before a letter of one (prepare.py --letter-ids: J-R-F)
 YEAR_DIGIT = re.compile(r"completed in \d*$")  # ... before a digit of the year quoted from the page
 HIT_KIND = re.compile(r"<think>The top result is a$")      # before the kind copied from the hit
 DECISION = re.compile(r"<think>The top result is a \w+$")  # before "." (read it) or "," (another corner)
@@ -66,9 +65,7 @@ def copy_probabilities(policy, records, root):
     url, year = [], []
     for tokens in written_probabilities(policy, records, root):
         for text, piece, p in tokens:
-            if re.fullmatch(r"[/-]?[A-Z]", piece) and URL_LETTER.search(text):
-                url.append(p)
-            elif piece.isdigit():
+            if piece.isdigit():
                 which = url if URL_DIGIT.search(text) else year if YEAR_DIGIT.search(text) else None
                 if which is not None:
                     which.append(p)
