@@ -103,7 +103,6 @@ QUESTIONS = {"visual": "What shape is drawn on this {kind}?",
              "hard": "In what year was the {kind} in this image completed?"}
 TILE, SCENE, MARGIN = 64, (224, 160), 8
 URL = "http://toyworld.local/page/{page}"
-ID_LETTERS = "BDFGJKMQRX"   # --letter-ids: digit d of a page id is written ID_LETTERS[d]
 REDATED = 8   # re-dated copies of the corpus for the --redated trajectories
 GOAL = "when was it completed"   # the oracle's visit goal: visit keeps the sentence that answers it
 TWIN_GOAL = "its twin"           # the first visit of a two-hop question keeps "Its twin is the X."
@@ -127,10 +126,9 @@ def name(rng, parts=2):
     return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
 
 
-def make_entities(n, rng, twins=False, letter_ids=False):
+def make_entities(n, rng, twins=False):
     """n landmarks, each with its own picture (colours and shape), kind and facts; with `twins`,
-    each also names another landmark as its twin (what a two-hop question asks about); with
-    `letter_ids`, page ids are the same numbers spelled in capital letters (--letter-ids)."""
+    each also names another landmark as its twin (what a two-hop question asks about)."""
     looks = [(bg, fg, s) for bg in range(len(PALETTE)) for fg in range(len(PALETTE)) for s in range(len(SHAPES))
              if bg != fg]
     if n > len(looks):
@@ -138,8 +136,6 @@ def make_entities(n, rng, twins=False, letter_ids=False):
                          "shape); ask for at most that many landmarks")
     rng.shuffle(looks)
     pages = rng.sample(range(100, 1000), n)   # page ids: a URL the policy copies digit by digit
-    if letter_ids:   # 482 -> "J-R-F": letters no other text writes, one token each (hyphens keep them apart)
-        pages = ["-".join(ID_LETTERS[int(d)] for d in str(p)) for p in pages]
     entities, used = [], set()
     for i in range(n):
         title = name(rng)
@@ -336,8 +332,6 @@ def main(argv=None):
     ap.add_argument("--renumber", action=argparse.BooleanOptionalAction, default=True, help="the re-dated copies "
                     "also give the pages new ids (the ids shuffled among the landmarks): the page to visit must be "
                     "copied from the search results, as no landmark keeps one id a model could learn")
-    ap.add_argument("--letter-ids", action="store_true", help="page ids in capital letters (482 -> J-R-F) instead "
-                    "of digits, which the crop boxes, sizes and years also write: an experiment (NOTES.md)")
     ap.add_argument("--typos", type=float, default=0.3, help="share of two-hop oracle trajectories whose first "
                     "text search misspells the name, finds nothing and is revised")
     ap.add_argument("--hard-direct", type=float, default=0.0, help="share of hard oracle trajectories answered "
@@ -398,7 +392,7 @@ def main(argv=None):
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     # 1. landmarks: pictures, pages, the image index
-    entities = make_entities(args.entities, rng, twins="twohop" in mix, letter_ids=args.letter_ids)
+    entities = make_entities(args.entities, rng, twins="twohop" in mix)
     corpus, index = [], []
     for i, e in enumerate(entities):
         draw_entity(e["look"]).save(out / "images" / f"entity_{i:03d}.png")
