@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import mmsearch_r1 as core
+import tools
 
 ROOT = Path(__file__).resolve().parents[1]
 RICH = "visual:0.15,whole:0.25,crop:0.3,twohop:0.15,hard:0.15"   # every question type (README: the richer world)
@@ -227,3 +228,25 @@ def test_direct_per_question_type(tmp_path):
     for bad, says in [("visual:0.5", "only whole, crop and twohop"), ("whole:1.5", "want 0 to 1"), ("half", "type:share")]:
         with pytest.raises(SystemExit, match=says):
             prepare.main(["--out", str(tmp_path / "b"), *flags, "--direct", bad])
+
+
+def test_say_url(tmp_path):
+    """With --say-url the think before each visit ends by naming the url the call opens; everything
+    else is the trajectories prepare.py writes without it."""
+    prepare = prepare_module()
+    flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "whole:0.3,crop:0.2,twohop:0.3,hard:0.2"]
+    prepare.main(["--out", str(tmp_path / "a"), *flags, "--say-url"])
+    prepare.main(["--out", str(tmp_path / "b"), *flags])
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")   # the same world, tasks and scenes
+    visits = 0
+    for a, b in zip(*(core.load_jsonl(tmp_path / w / "sft.jsonl") for w in "ab")):
+        assert len(a["messages"]) == len(b["messages"])
+        for turn_a, turn_b in zip(a["messages"], b["messages"]):
+            calls = tools.parse_tool_calls(turn_a["content"])[0] if turn_a["role"] == "assistant" else []
+            if calls and calls[0]["name"] == "visit":
+                url = calls[0]["arguments"]["url"]
+                assert turn_a["content"] == turn_b["content"].replace("</think>", f" It is at {url}.</think>", 1)
+                visits += 1
+            else:
+                assert turn_a == turn_b
+    assert visits > 20

@@ -243,7 +243,8 @@ def misspelled(title):
     return " ".join(w[:len(w) // 2] + w[len(w) // 2 + 1:] for w in title.split())
 
 
-def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, give_up=False):
+def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, give_up=False,
+                 say_url=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -256,8 +257,14 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, g
     convention, see(corner or None) the image search's results on that crop (or the whole image),
     find(query) the text search's; by_url maps a url to its landmark as the pages read tell it
     (their year: a re-dated copy's own). `give_up`: after a first corner whose top hit is of another
-    kind, answer from memory instead of trying the next corner (see --hard-memory)."""
+    kind, answer from memory instead of trying the next corner (see --hard-memory). With `say_url`, the
+    think before each visit names the url it will open, copied from the search result (the call then
+    repeats it a few tokens on)."""
     call = core.format_tool_call
+
+    def read(think, url, goal=None):   # the think and the visit call that opens a search hit
+        think += f" It is at {url}." if say_url else ""
+        return f"<think>{think}</think>\n" + call("visit", {"url": url, "goal": goal or GOAL})
     e = entities[task["entity"]]
     kind = e["kind"]
     if task["type"] == "visual":
@@ -279,8 +286,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, g
                 return turns + [f"<think>{think} I know the {kind} in this image: it is the {e['title']}.</think>\n"
                                 f"<answer>{task['answers'][0]}</answer>"]
             think += f" I will try the image's {order[n]} corner."
-        turns.append(f"<think>The top result is a {kind}. I will read it.</think>\n"
-                     + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
+        turns.append(read(f"The top result is a {kind}. I will read it.", hits[0]["url"]))
     else:
         if task["type"] == "crop":
             turns.append(f"<think>The question is about the image's {task['corner']} corner. I will zoom in there.</think>\n"
@@ -289,8 +295,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, g
                      + call("image_search", {"image": 1 if task["type"] == "crop" else 0}))
         hits = see(task["corner"])
         if task["type"] == "twohop":
-            turns.append("<think>I will read the top result to find its twin.</think>\n"
-                         + call("visit", {"url": hits[0]["url"], "goal": TWIN_GOAL}))
+            turns.append(read("I will read the top result to find its twin.", hits[0]["url"], TWIN_GOAL))
             twin = entities[by_url[hits[0]["url"]]["twin"]]["title"]
             think = f"The page says: Its twin is the {twin}. I will search for it."
             wrong = misspelled(twin)
@@ -299,7 +304,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, g
                 think = f"No results. I will search for the name as the page writes it: {twin}."
             turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": twin}))
             hits = find(twin)
-        turns.append("<think>I will read the top result.</think>\n" + call("visit", {"url": hits[0]["url"], "goal": GOAL}))
+        turns.append(read("I will read the top result.", hits[0]["url"]))
     year = by_url[hits[0]["url"]]["year"]
     turns.append(f"<think>The page says: Construction was completed in {year}.</think>\n<answer>{year}</answer>")
     return turns
@@ -340,6 +345,8 @@ def main(argv=None):
     ap.add_argument("--hard-memory", type=float, default=0.0, help="share of hard oracle trajectories whose first "
                     "corner shows another kind that answer from memory there instead of trying the next corner: a "
                     "cold start that explores too little, as Mini-o3's does (NOTES.md)")
+    ap.add_argument("--say-url", action="store_true", help="the think before each visit names the url it opens "
+                    "(an experiment: a second, nearer copy of the page id)")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -486,7 +493,7 @@ def main(argv=None):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo, give_up)
+                                order, typo, give_up, args.say_url)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
