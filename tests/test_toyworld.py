@@ -215,6 +215,23 @@ def test_hard_memory(tmp_path):
     assert gave_up > 0 and stats["recovered"] == 0
 
 
+def test_hard_decoys(tmp_path):
+    """--hard-decoys fountain: every hard scene shows the asked landmark, of another kind, and two
+    fountains; the SFT data's misses are all fountains; a world with too few fountains is refused."""
+    prepare = prepare_module()
+    stats = prepare.main(["--out", str(tmp_path / "a"), *HARD_ONLY, "--hard-decoys", "fountain"])
+    kinds = [h["snippet"].split(", a ")[1].split(" in ")[0] for h in core.load_jsonl(tmp_path / "a" / "images.jsonl")]
+    for split in ("train", "val", "test"):
+        for t in core.load_jsonl(tmp_path / "a" / f"{split}.jsonl"):
+            assert t["corners"][t["corner"]] == t["entity"] and kinds[t["entity"]] != "fountain"
+            assert sorted(kinds[m] for c, m in t["corners"].items() if c != t["corner"]) == ["fountain"] * 2
+    misses = [m["content"] for r in core.load_jsonl(tmp_path / "a" / "sft.jsonl") for m in r["messages"]
+              if m["role"] == "assistant" and "I will try" in m["content"]]
+    assert stats["recovered"] > 0 and misses and all("The top result is a fountain, not a" in m for m in misses)
+    with pytest.raises(SystemExit, match="fewer than two"):
+        prepare.main(["--out", str(tmp_path / "b"), *HARD_ONLY, "--entities", "6", "--hard-decoys", "fountain"])
+
+
 def test_direct_per_question_type(tmp_path):
     """--direct whole:1: every whole training question from memory, crop and twohop always searched;
     a type that is not whole, crop or twohop, a share outside 0-1, or a malformed value is refused."""

@@ -18,7 +18,8 @@ image-search index whose title names its kind ("Kalomi Tower"). Questions, tagge
              and is revised)
     hard     three landmarks of different kinds in three corners, among clutter; "In what year was
              the statue in this image completed?" (crop a corner -> image_search -> if the top hit is
-             of another kind, try another corner -> visit -> answer: trial and error, as in Mini-o3)
+             of another kind, try another corner -> visit -> answer: trial and error, as in Mini-o3;
+             with --hard-decoys K, the other two landmarks are both of kind K)
 
 --mix picks the types and their shares (default: all five, the main command's world; the README's
 three-type world, --mix visual:0.2,whole:0.3,crop:0.5, was the default until 2026-11-30).
@@ -192,21 +193,26 @@ def corner_box(corner):
     return [x - 4, y - 4, x + TILE + 4, y + TILE + 4]
 
 
-def make_task(t, kind_of_task, entities, pool, rng, out):
+def make_task(t, kind_of_task, entities, pool, rng, out, decoy=None):
     """One question with its image: a scene of corner landmarks for `crop` and `hard`, the
-    landmark's picture for the others."""
+    landmark's picture for the others. `decoy`: a kind; a hard scene is then the asked landmark
+    (of another kind) and two of this kind (--hard-decoys)."""
     corner = None
     if kind_of_task in ("crop", "hard"):
         if kind_of_task == "crop":   # two to four landmarks, full size; the question names the corner
             corners = rng.sample(list(CORNERS), rng.randint(2, 4))
             members = rng.sample(pool, len(corners))
-        else:   # three landmarks of different kinds among clutter; the question names only the kind
+        elif decoy is None:   # three landmarks of different kinds among clutter; the question names only the kind
             corners, members = rng.sample(list(CORNERS), 3), []
             for m in rng.sample(pool, len(pool)):
                 if entities[m]["kind"] not in {entities[x]["kind"] for x in members}:
                     members.append(m)
                 if len(members) == len(corners):
                     break
+        else:   # the asked landmark first, then two decoys
+            corners = rng.sample(list(CORNERS), 3)
+            members = [rng.choice([m for m in pool if entities[m]["kind"] != decoy])]
+            members += rng.sample([m for m in pool if entities[m]["kind"] == decoy], 2)
         scene = Image.new("RGB", SCENE, (200, 200, 200))
         if kind_of_task == "hard":
             draw = ImageDraw.Draw(scene)
@@ -216,7 +222,7 @@ def make_task(t, kind_of_task, entities, pool, rng, out):
         for c, m in zip(corners, members):
             box = corner_box(c)
             scene.paste(draw_entity(entities[m]["look"]), (box[0] + 4 + rng.randint(-2, 2), box[1] + 4 + rng.randint(-2, 2)))
-        target = rng.randrange(len(corners))
+        target = rng.randrange(len(corners)) if decoy is None or kind_of_task == "crop" else 0
         corner, m = corners[target], members[target]
         corners = dict(zip(corners, members))
     else:
@@ -347,6 +353,10 @@ def main(argv=None):
                     "cold start that explores too little, as Mini-o3's does (NOTES.md)")
     ap.add_argument("--say-url", action="store_true", help="the think before each visit names the url it opens "
                     "(an experiment: a second, nearer copy of the page id)")
+    ap.add_argument("--hard-decoys", default=None, choices=KINDS, help="a hard scene shows the asked landmark and "
+                    "two of this kind (never asked about in hard questions), instead of three landmarks of different "
+                    "kinds: a miss is then one fixed word in the search result, which a tiny model can spot, where "
+                    "telling two kinds apart needs it to compare two words (NOTES.md)")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -423,12 +433,15 @@ def main(argv=None):
     n_unseen = int(len(order) * args.unseen)
     unseen, seen = order[:n_unseen], order[n_unseen:]
     n_test, n_val = int(args.tasks * args.test_fraction), int(args.tasks * args.val_fraction)
+    if args.hard_decoys and sum(entities[m]["kind"] == args.hard_decoys for m in seen) < 2:
+        raise SystemExit(f"--hard-decoys {args.hard_decoys}: fewer than two such landmarks in training; "
+                         "ask for more --entities")
     tasks = []
     for t in range(args.tasks):
         j = t if t < n_test else t - n_test if t < n_test + n_val else t - n_test - n_val   # index in its split
         kind_of_task = list(mix)[j] if j < len(mix) else rng.choices(list(mix), weights=list(mix.values()))[0]
         pool = (seen + unseen) if t < n_test else seen
-        tasks.append(make_task(t, kind_of_task, entities, pool, rng, out))
+        tasks.append(make_task(t, kind_of_task, entities, pool, rng, out, args.hard_decoys))
     test, val, train = tasks[:n_test], tasks[n_test:n_test + n_val], tasks[n_test + n_val:]
     hard_rng = random.Random(args.seed + 5)   # --hard-direct's own stream: the world's other draws stay as they were
     for task in train:   # the oracle answers these knowledge questions from memory (a hard one: --hard-direct)
