@@ -16,10 +16,12 @@ image-search index whose title names its kind ("Kalomi Tower"). Questions, tagge
              (image_search -> visit for its twin -> text_search the twin's name -> visit -> answer;
              in --typos of the oracle's, the first text_search misspells the name, finds nothing
              and is revised)
-    hard     three landmarks of different kinds in three corners, among clutter; "In what year was
-             the statue in this image completed?" (crop a corner -> image_search -> if the top hit is
-             of another kind, try another corner -> visit -> answer: trial and error, as in Mini-o3;
-             with --hard-decoys K, the other two landmarks are both of kind K)
+    hard     three landmarks in three corners, among clutter: the asked one and two of one other kind
+             (--hard-decoys, default fountains); "In what year was the statue in this image
+             completed?" (crop a corner -> image_search -> if the top hit is of another kind, try
+             another corner -> visit -> answer: trial and error, as in Mini-o3). The oracle gives up
+             after a first miss in --hard-memory of them (answers from memory), a cold start that
+             explores too little, as Mini-o3's: GRPO finds the next corner
 
 --mix picks the types and their shares (default: all five, the main command's world; the README's
 three-type world, --mix visual:0.2,whole:0.3,crop:0.5, was the default until 2026-11-30).
@@ -348,15 +350,18 @@ def main(argv=None):
     ap.add_argument("--hard-direct", type=float, default=0.0, help="share of hard oracle trajectories answered "
                     "from memory at once, as --direct does for the other knowledge questions (off by default: "
                     "the hard path's trial and error is then all the SFT data shows)")
-    ap.add_argument("--hard-memory", type=float, default=0.0, help="share of hard oracle trajectories whose first "
+    ap.add_argument("--hard-memory", type=float, default=0.65, help="share of hard oracle trajectories whose first "
                     "corner shows another kind that answer from memory there instead of trying the next corner: a "
-                    "cold start that explores too little, as Mini-o3's does (NOTES.md)")
-    ap.add_argument("--say-url", action="store_true", help="the think before each visit names the url it opens "
-                    "(an experiment: a second, nearer copy of the page id)")
-    ap.add_argument("--hard-decoys", default=None, choices=KINDS, help="a hard scene shows the asked landmark and "
-                    "two of this kind (never asked about in hard questions), instead of three landmarks of different "
-                    "kinds: a miss is then one fixed word in the search result, which a tiny model can spot, where "
-                    "telling two kinds apart needs it to compare two words (NOTES.md)")
+                    "cold start that explores too little, as Mini-o3's does, for GRPO to find the next corner "
+                    "(0 before 2026-12-03, night; NOTES.md)")
+    ap.add_argument("--say-url", action=argparse.BooleanOptionalAction, default=True, help="the think before each "
+                    "visit names the url it opens, copied from the search result, and the call repeats it a few "
+                    "tokens on: with it the page id's copy formed on every seed measured (NOTES.md)")
+    ap.add_argument("--hard-decoys", default="fountain", choices=KINDS + ["none"], help="a hard scene shows the "
+                    "asked landmark and two of this kind (never asked about in hard questions); none: three "
+                    "landmarks of different kinds (before 2026-12-03, night). A miss is then one fixed word in the "
+                    "search result, which a tiny model can spot, where telling two kinds apart needs it to compare "
+                    "two words (NOTES.md)")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -364,13 +369,16 @@ def main(argv=None):
                     "oracle's and the policy's; small: fewer visual tokens, and the search tool needs no more)")
     ap.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary of the tiny tokenizer")
     ap.add_argument("--hidden", type=int, default=128, help="tiny model's width (2 layers)")
-    ap.add_argument("--init-std", type=float, default=None, help="tiny model's initial weight scale "
-                    "(default the configs' 0.02; NOTES.md has 0.088 and 0.05 measured)")
+    ap.add_argument("--init-std", type=float, default=None, help="tiny model's initial weight scale (default "
+                    "the fan-in scale, hidden ** -0.5, where a tiny model learns to copy words out of the question; "
+                    "the configs' 0.02 before 2026-12-03, night: NOTES.md)")
     ap.add_argument("--max-pixels", type=int, default=224 * 168, help="tiny model's image budget (pixels)")
     ap.add_argument("--vision-window", type=int, default=112, help="tiny model's vision attention windows in pixels "
                     "(Qwen2.5-VL's 112; worlds before 2026-12-01, evening, used 56)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (the world is deterministic)")
     args = ap.parse_args(argv)
+    args.hard_decoys = None if args.hard_decoys == "none" else args.hard_decoys
+    args.init_std = args.init_std or args.hidden ** -0.5
     shares = {"--test-fraction": args.test_fraction, "--val-fraction": args.val_fraction, "--unseen": args.unseen,
               "--redated": args.redated, "--typos": args.typos,
               "--hard-direct": args.hard_direct, "--hard-memory": args.hard_memory}
