@@ -143,7 +143,8 @@ def test_bad_world_flags_stop_before_any_work(tmp_path, flags, message):
     assert not (tmp_path / "w").exists()
 
 
-HARD_ONLY = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "hard:1", "--redated", "0"]   # a small hard world
+HARD_ONLY = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "hard:1", "--redated", "0",
+             "--hard-memory", "0"]   # a small hard world whose oracle always tries on after a miss
 
 
 def test_hard_trajectories_check_the_hits_kind(tmp_path):
@@ -248,12 +249,12 @@ def test_direct_per_question_type(tmp_path):
 
 
 def test_say_url(tmp_path):
-    """With --say-url the think before each visit ends by naming the url the call opens; everything
-    else is the trajectories prepare.py writes without it."""
+    """The think before each visit ends by naming the url the call opens (--say-url, the default);
+    everything else is the trajectories prepare.py writes with --no-say-url."""
     prepare = prepare_module()
     flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "whole:0.3,crop:0.2,twohop:0.3,hard:0.2"]
-    prepare.main(["--out", str(tmp_path / "a"), *flags, "--say-url"])
-    prepare.main(["--out", str(tmp_path / "b"), *flags])
+    prepare.main(["--out", str(tmp_path / "a"), *flags])
+    prepare.main(["--out", str(tmp_path / "b"), *flags, "--no-say-url"])
     assert digest(tmp_path / "a") == digest(tmp_path / "b")   # the same world, tasks and scenes
     visits = 0
     for a, b in zip(*(core.load_jsonl(tmp_path / w / "sft.jsonl") for w in "ab")):
