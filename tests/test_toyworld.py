@@ -134,6 +134,7 @@ def test_unknown_question_type_is_a_clear_error(tmp_path):
     (["--entities", "3"], "want at least 4 landmarks"),
     (["--tasks", "0"], "and 1 task"),
     (["--hidden", "12"], "--hidden 12: want a multiple of 8"),
+    (["--init-std", "0"], "--init-std 0.0: want a positive scale"),
     (["--typos", "1.5"], "--typos 1.5: a share, want 0 to 1"),
     (["--test-fraction", "0.9", "--val-fraction", "0.1"], "must stay below 1"),
 ])
@@ -268,3 +269,29 @@ def test_say_url(tmp_path):
             else:
                 assert turn_a == turn_b
     assert visits > 20
+
+
+def test_query_the(tmp_path):
+    """With --query-the the oracle's text search for a twin is "the" and the name as the page writes it
+    after "Its twin is the": the name's first word is then the page's token; without it, the bare name."""
+    prepare = prepare_module()
+    flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "twohop:1", "--typos", "0.5"]
+    prepare.main(["--out", str(tmp_path / "a"), *flags, "--query-the"])
+    prepare.main(["--out", str(tmp_path / "b"), *flags])
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")   # the same world, tasks and scenes
+    for world, article in (("a", "the "), ("b", "")):
+        queries = typos = 0
+        for record in core.load_jsonl(tmp_path / world / "sft.jsonl"):
+            pages = [m["content"][0]["text"] for m in record["messages"] if m["role"] == "tool"]
+            twins = [m.group(1) for page in pages for m in re.finditer(r"Its twin is the (.+?)\.", page)]
+            calls = [c for m in record["messages"] if m["role"] == "assistant"
+                     for c in tools.parse_tool_calls(m["content"])[0] if c["name"] == "text_search"]
+            if not calls:
+                continue
+            assert calls[-1]["arguments"]["query"] == article + twins[0]   # the query that finds the twin
+            typos += len(calls) > 1   # a misspelled first query, without the article
+            queries += 1
+        assert queries > 5 and typos > 0
+    tokenizer = core.load_policy(tmp_path / "a" / "model").tokenizer
+    name = twins[0].split()[0]
+    assert tokenizer(f" {name}")["input_ids"] != tokenizer(name)["input_ids"]   # why the article helps

@@ -252,7 +252,7 @@ def misspelled(title):
 
 
 def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, give_up=False,
-                 say_url=False):
+                 say_url=False, query_the=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -267,7 +267,9 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, g
     (their year: a re-dated copy's own). `give_up`: after a first corner whose top hit is of another
     kind, answer from memory instead of trying the next corner (see --hard-memory). With `say_url`, the
     think before each visit names the url it will open, copied from the search result (the call then
-    repeats it a few tokens on)."""
+    repeats it a few tokens on). With `query_the`, the text search for a twin writes "the" before its
+    name, as the page does, so that the name's first word is the page's token (" Zolgelnor", where a
+    query that starts with the name has "Zolgelnor", another token)."""
     call = core.format_tool_call
 
     def read(think, url, goal=None):   # the think and the visit call that opens a search hit
@@ -310,8 +312,9 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, g
             if typo and not find(wrong):   # an empty search, then a revised query
                 turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": wrong}))
                 think = f"No results. I will search for the name as the page writes it: {twin}."
-            turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": twin}))
-            hits = find(twin)
+            query = f"the {twin}" if query_the else twin
+            turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": query}))
+            hits = find(query)
         turns.append(read("I will read the top result.", hits[0]["url"]))
     year = by_url[hits[0]["url"]]["year"]
     turns.append(f"<think>The page says: Construction was completed in {year}.</think>\n<answer>{year}</answer>")
@@ -357,6 +360,9 @@ def main(argv=None):
     ap.add_argument("--say-url", action=argparse.BooleanOptionalAction, default=True, help="the think before each "
                     "visit names the url it opens, copied from the search result, and the call repeats it a few "
                     "tokens on: with it the page id's copy formed on every seed measured (NOTES.md)")
+    ap.add_argument("--query-the", action=argparse.BooleanOptionalAction, default=False, help="the oracle's text "
+                    "search for a twin writes 'the' before its name, as the page does: the name's first word is then "
+                    "the same token in the query as on the page (experiment, NOTES.md)")
     ap.add_argument("--hard-decoys", default="fountain", choices=KINDS + ["none"], help="a hard scene shows the "
                     "asked landmark and two of this kind (never asked about in hard questions); none: three "
                     "landmarks of different kinds (before 2026-12-03, night). A miss is then one fixed word in the "
@@ -378,7 +384,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="random seed (the world is deterministic)")
     args = ap.parse_args(argv)
     args.hard_decoys = None if args.hard_decoys == "none" else args.hard_decoys
-    args.init_std = args.init_std or args.hidden ** -0.5
+    args.init_std = args.hidden ** -0.5 if args.init_std is None else args.init_std
     shares = {"--test-fraction": args.test_fraction, "--val-fraction": args.val_fraction, "--unseen": args.unseen,
               "--redated": args.redated, "--typos": args.typos,
               "--hard-direct": args.hard_direct, "--hard-memory": args.hard_memory}
@@ -401,6 +407,8 @@ def main(argv=None):
                          "scene shows four) and 1 task")
     if args.hidden % 8 or args.hidden < 8:
         raise SystemExit(f"--hidden {args.hidden}: want a multiple of 8 (4 heads of an even width)")
+    if args.init_std <= 0:
+        raise SystemExit(f"--init-std {args.init_std}: want a positive scale (e.g. 0.02, the configs' own)")
     if not 1 <= args.views <= REDATED:
         raise SystemExit(f"--views {args.views}: want 1 to {REDATED} (the re-dated copies of the corpus)")
     try:
@@ -514,7 +522,7 @@ def main(argv=None):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo, give_up, args.say_url)
+                                order, typo, give_up, args.say_url, args.query_the)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
