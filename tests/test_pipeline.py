@@ -53,6 +53,12 @@ def test_main_command_fast_variant(tmp_path):
                   for r in map(json.loads, (out / "world" / "sft.jsonl").read_text().splitlines())
                   if train[r["id"]]["type"] == "crop")
     assert all(r["corner_tokens"] == 2 * min(corners, 200) > 0 and 0 < r["corner_p"] < 1 for r in probed)
+    # ... and the twin's name a two-hop trajectory copies from the page into its think and its query
+    sft = [json.loads(line) for line in (out / "world" / "sft.jsonl").read_text().splitlines()]
+    twins = sum(train[r["id"]]["type"] == "twohop" and sum('"text_search"' in m["content"] for m in r["messages"]
+                                                          if m["role"] == "assistant") == 1 for r in sft)
+    assert all(r["twins"] == min(twins, 200) > 0 and 0 < r["twin_think_p"] < 1 and 0 < r["twin_query_p"] < 1
+               for r in probed)
     assert copy_probe.main([str(out / "sft"), str(out / "world")]) == []   # done: skipped
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "] done" not in again.stdout          # every stage skipped

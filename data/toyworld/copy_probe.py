@@ -18,7 +18,11 @@ the think copies the top hit's kind ("The top result is a gate") and the next to
 probability of the kind copied and of the decision, apart for a match and a miss (a model that
 does not compare the kinds gives both about the same). On the crop questions' searched SFT
 trajectories (the first 200) it scores the corner the first think copies from the question ("The question is
-about the image's bottom-right corner": " bottom" and "-right"; a guess is about 0.5). run.py
+about the image's bottom-right corner": " bottom" and "-right"; a guess is about 0.5). On the
+two-hop questions' searched SFT trajectories without a misspelled query it scores the first word of
+the twin's name, copied from the page into the think ("Its twin is the Zolgelnor Tower.") and then
+into the text search's query (these landmarks' twins are the same in every SFT trajectory, so a
+model can also have learned some by heart). run.py
 keeps one checkpoint; for a curve, train with `train_sft.py --save-every 250 --keep-last 20`.
 Appends one JSON line per checkpoint to copy_probe.jsonl in the run folder (re-running skips
 those done).
@@ -38,6 +42,8 @@ URL_DIGIT = re.compile(r"page/\d*$")           # the text before a digit of a vi
 YEAR_DIGIT = re.compile(r"completed in \d*$")  # ... before a digit of the year quoted from the page
 HIT_KIND = re.compile(r"<think>The top result is a$")      # before the kind copied from the hit
 DECISION = re.compile(r"<think>The top result is a \w+$")  # before "." (read it) or "," (another corner)
+TWIN_THINK = re.compile(r"The page says: Its twin is the$")   # before the name's first word, in the think
+TWIN_QUERY = re.compile(r'"query": "(?:the)?$')              # ... in the text search's query
 CORNER = re.compile(r"<think>The question is about the image's(?: top| bottom)?$")   # before " top", "-left" ...
 
 
@@ -91,6 +97,18 @@ def corner_copy(policy, records, root):
             if CORNER.search(text)]
 
 
+def twin_copy(policy, records, root):
+    """On two-hop trajectories: the probabilities of the twin's first word in the think and in the query."""
+    think, query = [], []
+    for tokens in written_probabilities(policy, records, root):
+        for text, piece, p in tokens:
+            if TWIN_THINK.search(text):
+                think.append(p)
+            elif TWIN_QUERY.search(text) and not piece[:1].islower():   # (names are capitalized: "t" is "the")
+                query.append(p)
+    return think, query
+
+
 def mean(xs):
     return sum(xs) / max(1, len(xs))
 
@@ -109,6 +127,8 @@ def main(argv=None):
     sft = core.load_jsonl(world / "sft.jsonl")
     hard = [r for r in sft if types[r["id"]] == "hard"]
     crop = [r for r in sft if types[r["id"]] == "crop" and len(r["messages"]) > 3][:200]   # searched (a memory answer: one turn)
+    twohop = [r for r in sft if types[r["id"]] == "twohop" and
+              sum('"text_search"' in m["content"] for m in r["messages"] if m["role"] == "assistant") == 1][:200]
     checkpoints = [c for c in sorted(run.glob("step_*")) + [run / "final"] if (c / "config.json").exists()]
     if not checkpoints:
         raise SystemExit(f"copy_probe: no checkpoints in {run} (step_*/ or final/ with a config.json)")
@@ -122,15 +142,18 @@ def main(argv=None):
         url, year = copy_probabilities(policy, records, world)
         kind, match, miss = kind_check(policy, hard, world)
         corner = corner_copy(policy, crop, world)
+        twin_think, twin_query = twin_copy(policy, twohop, world)
         row = {"checkpoint": ckpt.name, "url_p": mean(url), "url_digits": len(url), "year_p": mean(year),
                "year_digits": len(year), "kind_p": mean(kind), "kinds": len(kind), "read_on_match_p": mean(match),
                "matches": len(match), "go_on_after_miss_p": mean(miss), "misses": len(miss),
-               "corner_p": mean(corner), "corner_tokens": len(corner)}
+               "corner_p": mean(corner), "corner_tokens": len(corner), "twin_think_p": mean(twin_think),
+               "twin_query_p": mean(twin_query), "twins": len(twin_query)}
         print(f"{ckpt.name}: url digits p {row['url_p']:.3f} (of {len(url)}), quoted year digits p "
               f"{row['year_p']:.3f} (of {len(year)}); hard: the hit's kind p {row['kind_p']:.3f} (of {len(kind)}), "
               f"read it on a match p {row['read_on_match_p']:.3f} (of {len(match)}), another corner after a miss p "
               f"{row['go_on_after_miss_p']:.3f} (of {len(miss)}); crop: the question's corner p "
-              f"{row['corner_p']:.3f} (of {len(corner)})", flush=True)
+              f"{row['corner_p']:.3f} (of {len(corner)}); twohop: the twin's name in the think p "
+              f"{row['twin_think_p']:.3f}, in the query p {row['twin_query_p']:.3f} (of {len(twin_query)})", flush=True)
         with open(out, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         rows.append(row)

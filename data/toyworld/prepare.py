@@ -125,13 +125,14 @@ def moved_year(year):
     return str(int(year) + (311 if int(year) < 1500 else -311))
 
 
-def name(rng, parts=2):
-    return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
+def name(rng, parts=2, sep=""):
+    return sep.join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
 
 
-def make_entities(n, rng, twins=False):
+def make_entities(n, rng, twins=False, sep=""):
     """n landmarks, each with its own picture (colours and shape), kind and facts; with `twins`,
-    each also names another landmark as its twin (what a two-hop question asks about)."""
+    each also names another landmark as its twin (what a two-hop question asks about). `sep` goes
+    between the syllables of a landmark's name ("Zol-gel Tower": each syllable then its own token)."""
     looks = [(bg, fg, s) for bg in range(len(PALETTE)) for fg in range(len(PALETTE)) for s in range(len(SHAPES))
              if bg != fg]
     if n > len(looks):
@@ -141,9 +142,9 @@ def make_entities(n, rng, twins=False):
     pages = rng.sample(range(100, 1000), n)   # page ids: a URL the policy copies digit by digit
     entities, used = [], set()
     for i in range(n):
-        title = name(rng)
+        title = name(rng, 2, sep)
         while title in used:
-            title = name(rng, 3)
+            title = name(rng, 3, sep)
         used.add(title)
         kind = rng.choice(KINDS)
         entities.append({"title": f"{title} {kind.capitalize()}", "kind": kind, "look": looks[i],
@@ -363,6 +364,9 @@ def main(argv=None):
     ap.add_argument("--query-the", action=argparse.BooleanOptionalAction, default=False, help="the oracle's text "
                     "search for a twin writes 'the' before its name, as the page does: the name's first word is then "
                     "the same token in the query as on the page (experiment, NOTES.md)")
+    ap.add_argument("--name-dash", action=argparse.BooleanOptionalAction, default=False, help="made-up names "
+                    "spelled with a dash between syllables ('Zol-gel Tower'): each syllable is then a token of its own, "
+                    "seen in many names, where a whole name is a rare token (experiment, NOTES.md)")
     ap.add_argument("--hard-decoys", default="fountain", choices=KINDS + ["none"], help="a hard scene shows the "
                     "asked landmark and two of this kind (never asked about in hard questions); none: three "
                     "landmarks of different kinds (before 2026-12-03, night). A miss is then one fixed word in the "
@@ -425,7 +429,7 @@ def main(argv=None):
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     # 1. landmarks: pictures, pages, the image index
-    entities = make_entities(args.entities, rng, twins="twohop" in mix)
+    entities = make_entities(args.entities, rng, twins="twohop" in mix, sep="-" if args.name_dash else "")
     corpus, index = [], []
     for i, e in enumerate(entities):
         draw_entity(e["look"]).save(out / "images" / f"entity_{i:03d}.png")
