@@ -43,7 +43,7 @@ YEAR_DIGIT = re.compile(r"completed in \d*$")  # ... before a digit of the year 
 HIT_KIND = re.compile(r"<think>The top result is a$")      # before the kind copied from the hit
 DECISION = re.compile(r"<think>The top result is a \w+$")  # before "." (read it) or "," (another corner)
 TWIN_THINK = re.compile(r"The page says: Its twin is the$")   # before the name's first word, in the think
-TWIN_QUERY = re.compile(r'"query": "(?:the)?$')              # ... in the text search's query
+TWIN_QUERY = re.compile(r'"query": "$')                      # ... in the text search's query
 CORNER = re.compile(r"<think>The question is about the image's(?: top| bottom)?$")   # before " top", "-left" ...
 
 
@@ -104,7 +104,7 @@ def twin_copy(policy, records, root):
         for text, piece, p in tokens:
             if TWIN_THINK.search(text):
                 think.append(p)
-            elif TWIN_QUERY.search(text) and not piece[:1].islower():   # (names are capitalized: "t" is "the")
+            elif TWIN_QUERY.search(text):
                 query.append(p)
     return think, query
 

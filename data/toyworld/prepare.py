@@ -125,14 +125,13 @@ def moved_year(year):
     return str(int(year) + (311 if int(year) < 1500 else -311))
 
 
-def name(rng, parts=2, sep=""):
-    return sep.join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
+def name(rng, parts=2):
+    return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
 
 
-def make_entities(n, rng, twins=False, sep=""):
+def make_entities(n, rng, twins=False):
     """n landmarks, each with its own picture (colours and shape), kind and facts; with `twins`,
-    each also names another landmark as its twin (what a two-hop question asks about). `sep` goes
-    between the syllables of a landmark's name ("Zol-gel Tower": each syllable then its own token)."""
+    each also names another landmark as its twin (what a two-hop question asks about)."""
     looks = [(bg, fg, s) for bg in range(len(PALETTE)) for fg in range(len(PALETTE)) for s in range(len(SHAPES))
              if bg != fg]
     if n > len(looks):
@@ -142,9 +141,9 @@ def make_entities(n, rng, twins=False, sep=""):
     pages = rng.sample(range(100, 1000), n)   # page ids: a URL the policy copies digit by digit
     entities, used = [], set()
     for i in range(n):
-        title = name(rng, 2, sep)
+        title = name(rng)
         while title in used:
-            title = name(rng, 3, sep)
+            title = name(rng, 3)
         used.add(title)
         kind = rng.choice(KINDS)
         entities.append({"title": f"{title} {kind.capitalize()}", "kind": kind, "look": looks[i],
@@ -253,7 +252,7 @@ def misspelled(title):
 
 
 def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, give_up=False,
-                 say_url=False, query_the=False):
+                 say_url=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -268,9 +267,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, g
     (their year: a re-dated copy's own). `give_up`: after a first corner whose top hit is of another
     kind, answer from memory instead of trying the next corner (see --hard-memory). With `say_url`, the
     think before each visit names the url it will open, copied from the search result (the call then
-    repeats it a few tokens on). With `query_the`, the text search for a twin writes "the" before its
-    name, as the page does, so that the name's first word is the page's token (" Zolgelnor", where a
-    query that starts with the name has "Zolgelnor", another token)."""
+    repeats it a few tokens on)."""
     call = core.format_tool_call
 
     def read(think, url, goal=None):   # the think and the visit call that opens a search hit
@@ -313,9 +310,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, g
             if typo and not find(wrong):   # an empty search, then a revised query
                 turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": wrong}))
                 think = f"No results. I will search for the name as the page writes it: {twin}."
-            query = f"the {twin}" if query_the else twin
-            turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": query}))
-            hits = find(query)
+            turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": twin}))
+            hits = find(twin)
         turns.append(read("I will read the top result.", hits[0]["url"]))
     year = by_url[hits[0]["url"]]["year"]
     turns.append(f"<think>The page says: Construction was completed in {year}.</think>\n<answer>{year}</answer>")
@@ -361,12 +357,6 @@ def main(argv=None):
     ap.add_argument("--say-url", action=argparse.BooleanOptionalAction, default=True, help="the think before each "
                     "visit names the url it opens, copied from the search result, and the call repeats it a few "
                     "tokens on: with it the page id's copy formed on every seed measured (NOTES.md)")
-    ap.add_argument("--query-the", action=argparse.BooleanOptionalAction, default=False, help="the oracle's text "
-                    "search for a twin writes 'the' before its name, as the page does: the name's first word is then "
-                    "the same token in the query as on the page (experiment, NOTES.md)")
-    ap.add_argument("--name-dash", action=argparse.BooleanOptionalAction, default=False, help="made-up names "
-                    "spelled with a dash between syllables ('Zol-gel Tower'): each syllable is then a token of its own, "
-                    "seen in many names, where a whole name is a rare token (experiment, NOTES.md)")
     ap.add_argument("--hard-decoys", default="fountain", choices=KINDS + ["none"], help="a hard scene shows the "
                     "asked landmark and two of this kind (never asked about in hard questions); none: three "
                     "landmarks of different kinds (before 2026-12-03, night). A miss is then one fixed word in the "
@@ -429,7 +419,7 @@ def main(argv=None):
     (out / "images").mkdir(parents=True, exist_ok=True)
 
     # 1. landmarks: pictures, pages, the image index
-    entities = make_entities(args.entities, rng, twins="twohop" in mix, sep="-" if args.name_dash else "")
+    entities = make_entities(args.entities, rng, twins="twohop" in mix)
     corpus, index = [], []
     for i, e in enumerate(entities):
         draw_entity(e["look"]).save(out / "images" / f"entity_{i:03d}.png")
@@ -526,7 +516,7 @@ def main(argv=None):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo, give_up, args.say_url, args.query_the)
+                                order, typo, give_up, args.say_url)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
