@@ -274,14 +274,13 @@ def test_say_url(tmp_path):
 def test_query_the_and_name_pieces(tmp_path):
     """With --query-the the oracle's text search for a twin is "the" and the name as the page writes it
     after "Its twin is the": the name's first token is then the page's; without it, the bare name.
-    With --name-pieces the tokenizer spells the made-up names in syllables."""
+    With --name-pieces the tokenizer is trained on the world's text with the names' syllables apart."""
     prepare = prepare_module()
     assert prepare.syllables_apart("the Zolgelnor Tower in Tasvorville") == "the Zol1gel1nor Tower in Tas1vorville"
     flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "twohop:1", "--typos", "0.5"]
     prepare.main(["--out", str(tmp_path / "a"), *flags, "--query-the", "--name-pieces"])
     prepare.main(["--out", str(tmp_path / "b"), *flags])
     assert digest(tmp_path / "a") == digest(tmp_path / "b")   # the same world, tasks and scenes
-    twins_seen = set()
     for world, article in (("a", "the "), ("b", "")):
         queries = typos = 0
         for record in core.load_jsonl(tmp_path / world / "sft.jsonl"):
@@ -292,7 +291,6 @@ def test_query_the_and_name_pieces(tmp_path):
             if not calls:
                 continue
             assert calls[-1]["arguments"]["query"] == article + twins[0]   # the query that finds the twin
-            twins_seen.add(twins[0])
             typos += len(calls) > 1   # a misspelled first query, without the article
             queries += 1
         assert queries > 5 and typos > 0
@@ -304,6 +302,3 @@ def test_query_the_and_name_pieces(tmp_path):
     name = twins[0]
     assert holds(core.format_tool_call("text_search", {"query": f"the {name}"}), name)
     assert not holds(core.format_tool_call("text_search", {"query": name}), name)
-    words = {t.split()[0] for t in twins_seen}
-    pieces = {i for w in words for i in tokenizer(f" {w}")["input_ids"]}
-    assert len(pieces) < len(words)   # the names share their tokens (syllables): none is a token of its own
