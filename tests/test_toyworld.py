@@ -270,35 +270,3 @@ def test_say_url(tmp_path):
                 assert turn_a == turn_b
     assert visits > 20
 
-
-def test_query_the_and_name_pieces(tmp_path):
-    """With --query-the the oracle's text search for a twin is "the" and the name as the page writes it
-    after "Its twin is the": the name's first token is then the page's; without it, the bare name.
-    With --name-pieces the tokenizer is trained on the world's text with the names' syllables apart."""
-    prepare = prepare_module()
-    assert prepare.syllables_apart("the Zolgelnor Tower in Tasvorville") == "the Zol1gel1nor Tower in Tas1vorville"
-    flags = ["--entities", "30", "--tasks", "80", "--vocab", "600", "--mix", "twohop:1", "--typos", "0.5"]
-    prepare.main(["--out", str(tmp_path / "a"), *flags, "--query-the", "--name-pieces"])
-    prepare.main(["--out", str(tmp_path / "b"), *flags])
-    assert digest(tmp_path / "a") == digest(tmp_path / "b")   # the same world, tasks and scenes
-    for world, article in (("a", "the "), ("b", "")):
-        queries = typos = 0
-        for record in core.load_jsonl(tmp_path / world / "sft.jsonl"):
-            pages = [m["content"][0]["text"] for m in record["messages"] if m["role"] == "tool"]
-            twins = [m.group(1) for page in pages for m in re.finditer(r"Its twin is the (.+?)\.", page)]
-            calls = [c for m in record["messages"] if m["role"] == "assistant"
-                     for c in tools.parse_tool_calls(m["content"])[0] if c["name"] == "text_search"]
-            if not calls:
-                continue
-            assert calls[-1]["arguments"]["query"] == article + twins[0]   # the query that finds the twin
-            typos += len(calls) > 1   # a misspelled first query, without the article
-            queries += 1
-        assert queries > 5 and typos > 0
-    tokenizer = core.load_policy(tmp_path / "a" / "model").tokenizer
-
-    def holds(call, name):   # the call's tokens hold the name's tokens as a page sentence has them
-        ids, want = tokenizer(call)["input_ids"], tokenizer(f" {name}")["input_ids"]
-        return any(ids[i:i + len(want)] == want for i in range(len(ids)))
-    name = twins[0]
-    assert holds(core.format_tool_call("text_search", {"query": f"the {name}"}), name)
-    assert not holds(core.format_tool_call("text_search", {"query": name}), name)

@@ -83,7 +83,6 @@ context, take the token after it; so that token should be rare there). README ha
 import argparse
 import json
 import random
-import re
 import sys
 from pathlib import Path
 
@@ -128,16 +127,6 @@ def moved_year(year):
 
 def name(rng, parts=2):
     return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
-
-
-MADE_UP = re.compile(rf"\b(?:{'|'.join(s.capitalize() for s in SYLLABLES)})(?:{'|'.join(SYLLABLES)})+")
-
-
-def syllables_apart(text):
-    """The text with a digit between the syllables of every made-up name ("Zol1gel1nor Tower"): a
-    tokenizer trained on it learns the syllables as tokens and no whole name, so it spells
-    every name in syllables, the same tokens wherever the name stands."""
-    return MADE_UP.sub(lambda m: "1".join(re.findall("|".join(SYLLABLES), m.group(0).lower())).capitalize(), text)
 
 
 def make_entities(n, rng, twins=False):
@@ -263,7 +252,7 @@ def misspelled(title):
 
 
 def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, give_up=False,
-                 say_url=False, query_the=False):
+                 say_url=False):
     """The oracle's assistant turns for one task: answer from the image (`visual`), from what it
     knows (task["direct"]), or search and answer with what the page it opened says:
         whole    image_search -> visit the top hit
@@ -278,9 +267,7 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, g
     (their year: a re-dated copy's own). `give_up`: after a first corner whose top hit is of another
     kind, answer from memory instead of trying the next corner (see --hard-memory). With `say_url`, the
     think before each visit names the url it will open, copied from the search result (the call then
-    repeats it a few tokens on). With `query_the`, the text search for a twin writes "the" before its
-    name, as the page does, so that the name's first syllable is the page's token (" Zol", where a
-    query that starts with the name has "Zol", another token)."""
+    repeats it a few tokens on)."""
     call = core.format_tool_call
 
     def read(think, url, goal=None):   # the think and the visit call that opens a search hit
@@ -323,9 +310,8 @@ def oracle_turns(task, entities, by_url, box, see, find, order=(), typo=False, g
             if typo and not find(wrong):   # an empty search, then a revised query
                 turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": wrong}))
                 think = f"No results. I will search for the name as the page writes it: {twin}."
-            query = f"the {twin}" if query_the else twin
-            turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": query}))
-            hits = find(query)
+            turns.append(f"<think>{think}</think>\n" + call("text_search", {"query": twin}))
+            hits = find(twin)
         turns.append(read("I will read the top result.", hits[0]["url"]))
     year = by_url[hits[0]["url"]]["year"]
     turns.append(f"<think>The page says: Construction was completed in {year}.</think>\n<answer>{year}</answer>")
@@ -371,12 +357,6 @@ def main(argv=None):
     ap.add_argument("--say-url", action=argparse.BooleanOptionalAction, default=True, help="the think before each "
                     "visit names the url it opens, copied from the search result, and the call repeats it a few "
                     "tokens on: with it the page id's copy formed on every seed measured (NOTES.md)")
-    ap.add_argument("--name-pieces", action=argparse.BooleanOptionalAction, default=False, help="the tokenizer "
-                    "spells made-up names in syllables, tokens seen in many names, where it would learn each name as a "
-                    "rare token of its own (experiment, NOTES.md)")
-    ap.add_argument("--query-the", action=argparse.BooleanOptionalAction, default=False, help="the oracle's text "
-                    "search for a twin writes 'the' before its name, as the page does: the name's first token is then "
-                    "the same in the query as on the page (experiment, NOTES.md)")
     ap.add_argument("--hard-decoys", default="fountain", choices=KINDS + ["none"], help="a hard scene shows the "
                     "asked landmark and two of this kind (never asked about in hard questions); none: three "
                     "landmarks of different kinds (before 2026-12-03, night). A miss is then one fixed word in the "
@@ -486,8 +466,6 @@ def main(argv=None):
     (out / "system.txt").write_text(SYSTEM, encoding="utf-8")
     texts += [core.format_tool_call("visit", {"url": URL.format(page=e["page"]), "goal": g}) for e in entities
               for g in ((GOAL, TWIN_GOAL) if "twin" in e else (GOAL,))]
-    if args.name_pieces:
-        texts = [syllables_apart(t) for t in texts]
     core.build_tiny_policy(out / "model", texts, vocab_size=args.vocab, hidden=args.hidden, max_pixels=args.max_pixels,
                            tie_embeddings=True, vision_window=args.vision_window,   # as small Qwen models do
                            init_std=args.init_std)
@@ -538,7 +516,7 @@ def main(argv=None):
                 query = tools.crop(image, box(corner), policy.crop_convention, shown, crop_settings) if corner else image
                 return view["images"].search(query, args.k)
             return oracle_turns(task, entities, view["by_url"], box, see, lambda q: view["text"].search(q, args.k),
-                                order, typo, give_up, args.say_url, args.query_the)
+                                order, typo, give_up, args.say_url)
         order = ()
         if task["type"] == "hard":   # SFT: the corners in a random order; AHPO's expert: the right one first
             order = rng.sample(list(task["corners"]), len(task["corners"]))
