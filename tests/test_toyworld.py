@@ -269,4 +269,3 @@ def test_say_url(tmp_path):
             else:
                 assert turn_a == turn_b
     assert visits > 20
-
