@@ -2,7 +2,7 @@
 
     # CPU, the toy world (python data/toyworld/prepare.py first): the main command's SFT stage, ~8 minutes
     python train_sft.py --model data/toyworld/out/model --data data/toyworld/out/sft.jsonl --out runs/sft_toy \
-        --steps 2500 --lr 3e-3 --warmup 20 --min-lr-ratio 0.1 --batch-tokens 4096
+        --steps 2500 --lr 3e-3 --warmup 20 --min-lr-ratio 0.1 --batch-tokens 3300
     # one GPU, Qwen2.5-VL-3B, full fine-tuning (fp32 weights and AdamW, bf16 autocast)
     python train_sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --data sft.jsonl --out runs/sft_3b \
         --epochs 2 --lr 1e-5 --warmup 50 --batch-tokens 16384 --grad-accum 8 --grad-checkpointing --freeze-vision

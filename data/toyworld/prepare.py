@@ -109,16 +109,13 @@ URL = "http://toyworld.local/page/{page}"
 REDATED = 8   # re-dated copies of the corpus for the --redated trajectories
 GOAL = "when was it completed"   # the oracle's visit goal: visit keeps the sentence that answers it
 TWIN_GOAL = "its twin"           # the first visit of a two-hop question keeps "Its twin is the X."
-# The world's system prompt, short: the full tools prompt (core.system_prompt, ~400 tokens of this
-# tokenizer) would be most of every row, and a tiny model trained for minutes on a CPU
-# learns to read the question far faster without it. Written to system.txt; the main command
-# passes it to every stage.
-SYSTEM = ("Answer the question about the image. Think inside <think>...</think>, then call one tool inside "
-          "<tool_call>...</tool_call> or answer inside <answer>...</answer>. Tools: crop(image, bbox_2d) zooms "
-          "into a box [x1, y1, x2, y2] in pixels of the image as you see it; image_search(image) finds "
-          "pages about an image; text_search(query); visit(url, goal) reads a page. Images are numbered "
-          "0 for the question image, then 1, 2, ... as they come.")
-SHORT_SYSTEM = "Answer the question about the image, or call a tool: crop, image_search, text_search or visit."
+# The world's system prompt, one line: the full tools prompt (core.system_prompt, ~400 tokens of
+# this tokenizer) would be most of every row, and a tiny model trained for minutes on a CPU learns to
+# read the question far faster without it; the SFT data teaches the format. Against the longer prompt
+# before (113 tokens, the tags and the tools' arguments spelled out) SFT rows are a fifth shorter and
+# the main command about two minutes quicker (data/toyworld/NOTES.md). Written to system.txt; the
+# main command passes it to every stage.
+SYSTEM = "Answer the question about the image, or call a tool: crop, image_search, text_search or visit."
 
 
 def moved_year(year):
@@ -377,11 +374,9 @@ def main(argv=None):
     ap.add_argument("--vision-window", type=int, default=112, help="tiny model's vision attention windows in pixels "
                     "(Qwen2.5-VL's 112; worlds before 2026-12-01, evening, used 56)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (the world is deterministic)")
-    ap.add_argument("--short-system", action="store_true", help="experiment: a one-line system prompt")
     args = ap.parse_args(argv)
     args.hard_decoys = None if args.hard_decoys == "none" else args.hard_decoys
     args.init_std = args.hidden ** -0.5 if args.init_std is None else args.init_std
-    args.system = SHORT_SYSTEM if args.short_system else SYSTEM
     shares = {"--test-fraction": args.test_fraction, "--val-fraction": args.val_fraction, "--unseen": args.unseen,
               "--redated": args.redated, "--typos": args.typos,
               "--hard-direct": args.hard_direct, "--hard-memory": args.hard_memory}
@@ -465,8 +460,8 @@ def main(argv=None):
 
     # 3. the tiny model, with a tokenizer trained on the world's text and the system prompt
     texts = [d["text"] for d in corpus] + [t["question"] for t in tasks] + [json.dumps(h) for h in index]
-    texts += [args.system] * 20
-    (out / "system.txt").write_text(args.system, encoding="utf-8")
+    texts += [SYSTEM] * 20
+    (out / "system.txt").write_text(SYSTEM, encoding="utf-8")
     texts += [core.format_tool_call("visit", {"url": URL.format(page=e["page"]), "goal": g}) for e in entities
               for g in ((GOAL, TWIN_GOAL) if "twin" in e else (GOAL,))]
     core.build_tiny_policy(out / "model", texts, vocab_size=args.vocab, hidden=args.hidden, max_pixels=args.max_pixels,
@@ -542,7 +537,7 @@ def main(argv=None):
         """The scripted turns (scripts[task id, v]) through the real rollout loop and tools on view v
         (None: the real web); records of the right answers."""
         trajs = core.rollout(policy, rows, toolbox(real if v is None else redated[v]), max_turns=10, max_images=6,
-                             max_context=8192, system=args.system, forced=lambda task, turn: scripts[task["id"], v][turn],
+                             max_context=8192, system=SYSTEM, forced=lambda task, turn: scripts[task["id"], v][turn],
                              score_forced=False, progress=False)
         records, stats = [], {k: [0, 0] for k in mix}
         for task, traj in zip(rows, trajs):

@@ -57,7 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--sft-lr", type=float, default=3e-3, help="SFT learning rate")
     ap.add_argument("--sft-min-lr-ratio", type=float, default=0.1, help="SFT's cosine decay ends at this fraction "
                     "of --sft-lr (1: constant)")
-    ap.add_argument("--sft-batch-tokens", type=int, default=4096, help="padded tokens per SFT step")
+    ap.add_argument("--sft-batch-tokens", type=int, default=3300, help="padded tokens per SFT step")
     ap.add_argument("--sft-weight-decay", type=float, default=0.0, help="SFT's AdamW weight decay")
     ap.add_argument("--grpo-steps", type=int, default=None, help="GRPO optimizer steps")
     ap.add_argument("--grpo-lr", type=float, default=3e-4, help="GRPO learning rate")
