@@ -40,7 +40,7 @@ def test_main_command_fast_variant(tmp_path):
     probed = copy_probe.main([str(out / "sft"), str(out / "world")])
     assert [r["checkpoint"] for r in probed][-1] == "final" and len(probed) >= 2
     assert all(r["year_digits"] == 4 * len(expert) and r["url_digits"] >= 3 * len(expert) for r in probed)
-    assert all(0 < r["url_p"] < 1 and 0 < r["year_p"] < 1 for r in probed)
+    assert all(0 < r[k] < 1 for r in probed for k in ("url_p", "url_think_p", "url_call_p", "year_p"))
     # ... and the kind check after every image search of the hard SFT trajectories
     train = {t["id"]: t for t in map(json.loads, (out / "world" / "train.jsonl").read_text().splitlines())}
     hard = {i for i, t in train.items() if t["type"] == "hard"}

@@ -9,7 +9,8 @@ only shows a copy the model also decides to use; this scores it directly. For ea
 the world's expert trajectories (the hard training tasks on the *real* pages, whose page ids no
 SFT trajectory shows: those all read renumbered copies, prepare.py --renumber) are run through
 the model teacher-forced, and it prints the mean probability the model gives each digit it writes
-in a visited url and in the year it quotes from the page (about 0.1 is a guess among ten digits;
+in a visited url (also apart: in the think that names it, copied from the search result, and in
+the visit call, copied from the think) and in the year it quotes from the page (about 0.1 is a guess among ten digits;
 the answer's digits, which repeat the quote a few tokens back, are not counted). In our runs the copy
 forms as a jump within a few hundred steps, the year before the id (README, lab notes).
 On the hard questions' SFT trajectories it also scores the kind check: after each image search
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import mmsearch_r1 as core  # noqa: E402
 
 URL_DIGIT = re.compile(r"page/\d*$")           # the text before a digit of a visited page's id
+URL_IN_CALL = re.compile(r'"url": "\S*$')         # ... in the visit call (else in the think before it)
 YEAR_DIGIT = re.compile(r"completed in \d*$")  # ... before a digit of the year quoted from the page
 HIT_KIND = re.compile(r"<think>The top result is a$")      # before the kind copied from the hit
 DECISION = re.compile(r"<think>The top result is a \w+$")  # before "." (read it) or "," (another corner)
@@ -67,15 +69,18 @@ def written_probabilities(policy, records, root, batch=16):
 
 
 def copy_probabilities(policy, records, root):
-    """(url digit probabilities, quoted year digit probabilities) of the written digits, teacher-forced."""
-    url, year = [], []
+    """The written digits' probabilities, teacher-forced: (page id digits in the think, in the visit
+    call, quoted year digits). The think's copy is from the search result, the call's from the think."""
+    url_think, url_call, year = [], [], []
     for tokens in written_probabilities(policy, records, root):
         for text, piece, p in tokens:
-            if piece.isdigit():
-                which = url if URL_DIGIT.search(text) else year if YEAR_DIGIT.search(text) else None
-                if which is not None:
-                    which.append(p)
-    return url, year
+            if not piece.isdigit():
+                continue
+            if URL_DIGIT.search(text):
+                (url_call if URL_IN_CALL.search(text) else url_think).append(p)
+            elif YEAR_DIGIT.search(text):
+                year.append(p)
+    return url_think, url_call, year
 
 
 def kind_check(policy, records, root):
@@ -139,16 +144,19 @@ def main(argv=None):
         if ckpt.name in done:
             continue
         policy = core.load_policy(ckpt)
-        url, year = copy_probabilities(policy, records, world)
+        url_think, url_call, year = copy_probabilities(policy, records, world)
+        url = url_think + url_call
         kind, match, miss = kind_check(policy, hard, world)
         corner = corner_copy(policy, crop, world)
         twin_think, twin_query = twin_copy(policy, twohop, world)
-        row = {"checkpoint": ckpt.name, "url_p": mean(url), "url_digits": len(url), "year_p": mean(year),
+        row = {"checkpoint": ckpt.name, "url_p": mean(url), "url_digits": len(url), "url_think_p": mean(url_think),
+               "url_call_p": mean(url_call), "year_p": mean(year),
                "year_digits": len(year), "kind_p": mean(kind), "kinds": len(kind), "read_on_match_p": mean(match),
                "matches": len(match), "go_on_after_miss_p": mean(miss), "misses": len(miss),
                "corner_p": mean(corner), "corner_tokens": len(corner), "twin_think_p": mean(twin_think),
                "twin_query_p": mean(twin_query), "twins": len(twin_query)}
-        print(f"{ckpt.name}: url digits p {row['url_p']:.3f} (of {len(url)}), quoted year digits p "
+        print(f"{ckpt.name}: url digits p {row['url_p']:.3f} (of {len(url)}: think {row['url_think_p']:.3f}, call "
+              f"{row['url_call_p']:.3f}), quoted year digits p "
               f"{row['year_p']:.3f} (of {len(year)}); hard: the hit's kind p {row['kind_p']:.3f} (of {len(kind)}), "
               f"read it on a match p {row['read_on_match_p']:.3f} (of {len(match)}), another corner after a miss p "
               f"{row['go_on_after_miss_p']:.3f} (of {len(miss)}); crop: the question's corner p "
