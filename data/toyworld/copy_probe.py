@@ -10,8 +10,9 @@ the world's expert trajectories (the hard training tasks on the *real* pages, wh
 SFT trajectory shows: those all read renumbered copies, prepare.py --renumber) are run through
 the model teacher-forced, and it prints the mean probability the model gives each digit it writes
 in a visited url (also apart: in the think that names it, copied from the search result, and in
-the visit call, copied from the think) and in the year it quotes from the page (about 0.1 is a guess among ten digits;
-the answer's digits, which repeat the quote a few tokens back, are not counted). In our runs the copy
+the visit call, copied from the think) and in the year it quotes from the page (about 0.1 is a
+guess among ten digits; the answer's digits, which repeat the quote a few tokens back, are not
+counted). In our runs the copy
 forms as a jump within a few hundred steps, the year before the id (README, lab notes).
 On the hard questions' SFT trajectories it also scores the kind check: after each image search
 the think copies the top hit's kind ("The top result is a gate") and the next token decides,
