@@ -43,18 +43,17 @@ def test_main_command_fast_variant(tmp_path):
     assert all(0 < r[k] < 1 for r in probed for k in ("url_p", "url_think_p", "url_call_p", "year_p"))
     # ... and the kind check after every image search of the hard SFT trajectories
     train = {t["id"]: t for t in map(json.loads, (out / "world" / "train.jsonl").read_text().splitlines())}
+    sft = [json.loads(line) for line in (out / "world" / "sft.jsonl").read_text().splitlines()]
     hard = {i for i, t in train.items() if t["type"] == "hard"}
-    searches = sum('"name": "image_search"' in m["content"] for r in map(json.loads, (out / "world" / "sft.jsonl")
-                   .read_text().splitlines()) if r["id"] in hard for m in r["messages"] if m["role"] == "assistant")
+    searches = sum('"name": "image_search"' in m["content"] for r in sft if r["id"] in hard
+                   for m in r["messages"] if m["role"] == "assistant")
     assert all(r["kinds"] == r["matches"] + r["misses"] == searches > 0 and r["matches"] and r["misses"] for r in probed)
     assert all(0 < r[k] < 1 for r in probed for k in ("kind_p", "read_on_match_p", "go_on_after_miss_p"))
     # ... and the corner the first think of a searched crop trajectory copies from the question (two tokens)
     corners = sum(f"image's {train[r['id']]['corner']} corner" in r["messages"][2]["content"]
-                  for r in map(json.loads, (out / "world" / "sft.jsonl").read_text().splitlines())
-                  if train[r["id"]]["type"] == "crop")
+                  for r in sft if train[r["id"]]["type"] == "crop")
     assert all(r["corner_tokens"] == 2 * min(corners, 200) > 0 and 0 < r["corner_p"] < 1 for r in probed)
     # ... and the twin's name a two-hop trajectory copies from the page into its think and its query
-    sft = [json.loads(line) for line in (out / "world" / "sft.jsonl").read_text().splitlines()]
     twins = sum(train[r["id"]]["type"] == "twohop" and sum('"text_search"' in m["content"] for m in r["messages"]
                                                           if m["role"] == "assistant") == 1 for r in sft)
     assert all(r["twins"] == min(twins, 200) > 0 and 0 < r["twin_think_p"] < 1 and 0 < r["twin_query_p"] < 1
