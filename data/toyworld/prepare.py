@@ -185,18 +185,19 @@ def page_text(e, rng, others, twin=None):
     return "\n\n".join(paragraphs)
 
 
-def corner_box(corner):
-    """The fixed box the oracle crops for a corner (scene pixels): the tile's slot plus a margin."""
+def corner_box(corner, size=SCENE):
+    """The fixed box the oracle crops for a corner of a scene of `size` (its pixels): the tile's slot plus a margin."""
     cx, cy = CORNERS[corner]
-    x = MARGIN if cx == 0 else SCENE[0] - MARGIN - TILE
-    y = MARGIN if cy == 0 else SCENE[1] - MARGIN - TILE
+    x = MARGIN if cx == 0 else size[0] - MARGIN - TILE
+    y = MARGIN if cy == 0 else size[1] - MARGIN - TILE
     return [x - 4, y - 4, x + TILE + 4, y + TILE + 4]
 
 
-def make_task(t, kind_of_task, entities, pool, rng, out, decoy=None):
+def make_task(t, kind_of_task, entities, pool, rng, out, decoy=None, scale=1):
     """One question with its image: a scene of corner landmarks for `crop` and `hard`, the
     landmark's picture for the others. `decoy`: a kind; a hard scene is then the asked landmark
-    (of another kind) and two of this kind (--hard-decoys)."""
+    (of another kind) and two of this kind (--hard-decoys). `scale`: the scene is SCENE times it,
+    its landmarks TILE (--scene-scale)."""
     corner = None
     if kind_of_task in ("crop", "hard"):
         if kind_of_task == "crop":   # two to four landmarks, full size; the question names the corner
@@ -213,14 +214,15 @@ def make_task(t, kind_of_task, entities, pool, rng, out, decoy=None):
             corners = rng.sample(list(CORNERS), 3)
             members = [rng.choice([m for m in pool if entities[m]["kind"] != decoy])]
             members += rng.sample([m for m in pool if entities[m]["kind"] == decoy], 2)
-        scene = Image.new("RGB", SCENE, (200, 200, 200))
+        size = (SCENE[0] * scale, SCENE[1] * scale)
+        scene = Image.new("RGB", size, (200, 200, 200))
         if kind_of_task == "hard":
             draw = ImageDraw.Draw(scene)
-            for _ in range(8):   # clutter between the corners
-                x, y, r = rng.randint(84, 140), rng.randint(10, 150), rng.randint(3, 8)
+            for _ in range(8 * scale * scale):   # clutter between the corners
+                x, y, r = rng.randint(84, size[0] - 84), rng.randint(10, size[1] - 10), rng.randint(3, 8)
                 draw.rectangle((x - r, y - r, x + r, y + r), fill=PALETTE[rng.randrange(len(PALETTE))])
         for c, m in zip(corners, members):
-            box = corner_box(c)
+            box = corner_box(c, size)
             scene.paste(draw_entity(entities[m]["look"]), (box[0] + 4 + rng.randint(-2, 2), box[1] + 4 + rng.randint(-2, 2)))
         target = rng.randrange(len(corners)) if decoy is None or kind_of_task == "crop" else 0
         corner, m = corners[target], members[target]
@@ -237,11 +239,11 @@ def make_task(t, kind_of_task, entities, pool, rng, out, decoy=None):
     return task if kind_of_task == "visual" else dict(task, moved_answers=[moved_year(answer)])
 
 
-def oracle_box(corner, convention, shown):
-    """The corner's fixed box in the policy's convention (`shown`: the scene's size as the model sees it)."""
-    W, H = SCENE
+def oracle_box(corner, convention, shown, size=SCENE):
+    """The corner's fixed box in the policy's convention (`shown`: the scene of `size` as the model sees it)."""
+    W, H = size
     scale = {"abs": (shown[0] / W, shown[1] / H), "rel1000": (1000 / W, 1000 / H)}[convention]
-    return [round(v * scale[i % 2]) for i, v in enumerate(corner_box(corner))]
+    return [round(v * scale[i % 2]) for i, v in enumerate(corner_box(corner, size))]
 
 
 def misspelled(title):
@@ -360,6 +362,9 @@ def main(argv=None):
                     "landmarks of different kinds (before 2026-12-03, night). A miss is then one fixed word in the "
                     "search result, which a tiny model can spot, where telling two kinds apart needs it to compare "
                     "two words (NOTES.md)")
+    ap.add_argument("--scene-scale", type=int, default=1, help="corner scenes (crop, hard) drawn this many times "
+                    "larger, their landmarks not: small targets, shown to the model at 1/scale of their pixels, "
+                    "that a crop (cut from the full image) shows whole")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -397,6 +402,8 @@ def main(argv=None):
     if args.entities < 4 or args.tasks < 1:
         raise SystemExit(f"--entities {args.entities} / --tasks {args.tasks}: want at least 4 landmarks (a hard "
                          "scene shows four) and 1 task")
+    if args.scene_scale < 1:
+        raise SystemExit(f"--scene-scale {args.scene_scale}: want 1 (scenes of {SCENE[0]}x{SCENE[1]}) or more")
     if args.hidden % 8 or args.hidden < 8:
         raise SystemExit(f"--hidden {args.hidden}: want a multiple of 8 (4 heads of an even width)")
     if args.init_std <= 0:
@@ -449,7 +456,7 @@ def main(argv=None):
         j = t if t < n_test else t - n_test if t < n_test + n_val else t - n_test - n_val   # index in its split
         kind_of_task = list(mix)[j] if j < len(mix) else rng.choices(list(mix), weights=list(mix.values()))[0]
         pool = (seen + unseen) if t < n_test else seen
-        tasks.append(make_task(t, kind_of_task, entities, pool, rng, out, args.hard_decoys))
+        tasks.append(make_task(t, kind_of_task, entities, pool, rng, out, args.hard_decoys, args.scene_scale))
     test, val, train = tasks[:n_test], tasks[n_test:n_test + n_val], tasks[n_test + n_val:]
     hard_rng = random.Random(args.seed + 5)   # --hard-direct's own stream: the world's other draws stay as they were
     for task in train:   # the oracle answers these knowledge questions from memory (a hard one: --hard-direct)
@@ -507,7 +514,7 @@ def main(argv=None):
         shown = shown_sizes[image.size]
 
         def box(corner):
-            return oracle_box(corner, policy.crop_convention, shown)
+            return oracle_box(corner, policy.crop_convention, shown, image.size)
 
         def oracle(view, order=(), typo=False, give_up=False):   # the oracle's turns, reading this view of the web
             def see(corner):
