@@ -135,6 +135,7 @@ def test_unknown_question_type_is_a_clear_error(tmp_path):
     (["--tasks", "0"], "and 1 task"),
     (["--hidden", "12"], "--hidden 12: want a multiple of 8"),
     (["--init-std", "0"], "--init-std 0.0: want a positive scale"),
+    (["--scene-scale", "0"], "--scene-scale 0: want 1"),
     (["--typos", "1.5"], "--typos 1.5: a share, want 0 to 1"),
     (["--test-fraction", "0.9", "--val-fraction", "0.1"], "must stay below 1"),
 ])
@@ -232,6 +233,30 @@ def test_hard_decoys(tmp_path):
     assert stats["recovered"] > 0 and misses and all("The top result is a fountain, not a" in m for m in misses)
     with pytest.raises(SystemExit, match="fewer than two"):
         prepare.main(["--out", str(tmp_path / "b"), *HARD_ONLY, "--entities", "6", "--hard-decoys", "fountain"])
+
+
+def test_scene_scale(tmp_path):
+    """--scene-scale 2: corner scenes twice the size with landmarks of the same TILE pixels (shown to
+    the model at half of them); the oracle's crop, in the model's coordinates, cuts the corner's
+    tile out of the full image, and its image searches still find the landmarks."""
+    prepare = prepare_module()
+    stats = prepare.main(["--out", str(tmp_path), *HARD_ONLY, "--mix", "crop:0.5,hard:0.5", "--scene-scale", "2"])
+    tasks = core.load_jsonl(tmp_path / "train.jsonl")
+    policy = core.load_policy(tmp_path / "model")
+    size = (prepare.SCENE[0] * 2, prepare.SCENE[1] * 2)
+    assert all(core.load_image(tmp_path / t["image"]).size == size for t in tasks)
+    shown = policy.shown_size(core.load_image(tmp_path / tasks[0]["image"]))
+    assert shown[0] <= prepare.SCENE[0]   # the model sees the scene at about half its pixels
+    boxes = {c: prepare.corner_box(c, size) for c in prepare.CORNERS}
+    crops = [m["content"] for r in core.load_jsonl(tmp_path / "sft.jsonl") for m in r["messages"]
+             if m["role"] == "assistant" and '"crop"' in m["content"]]
+    assert crops
+    for call in crops:   # each box, back in the full image's pixels, is one corner's fixed box (a tile and a margin)
+        box = json.loads(re.search(r"\[[^\]]*\]", call).group())
+        full = [v * size[i % 2] / shown[i % 2] for i, v in enumerate(box)]
+        assert any(max(abs(u - v) for u, v in zip(full, b)) <= 2 for b in boxes.values()), (box, full)
+    right, total = (sum(stats["oracle"][k][j] for k in ("crop", "hard")) for j in (0, 1))
+    assert right >= 0.9 * total
 
 
 def test_direct_per_question_type(tmp_path):

@@ -21,7 +21,10 @@ image-search index whose title names its kind ("Kalomi Tower"). Questions, tagge
              completed?" (crop a corner -> image_search -> if the top hit is of another kind, try
              another corner -> visit -> answer: trial and error, as in Mini-o3). The oracle gives up
              after a first miss in --hard-memory of them (answers from memory), a cold start that
-             explores too little, as Mini-o3's: GRPO finds the next corner
+             explores too little, as Mini-o3's: GRPO finds the next corner. With --scene-scale 2
+             the corner scenes are twice as large and their landmarks not: small targets the model
+             sees at half their pixels, which a crop (cut from the full image) shows whole (measured,
+             not the default: NOTES.md)
 
 --mix picks the types and their shares (default: all five, the main command's world; the README's
 three-type world, --mix visual:0.2,whole:0.3,crop:0.5, was the default until 2026-11-30).
