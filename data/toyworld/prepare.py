@@ -368,9 +368,6 @@ def main(argv=None):
     ap.add_argument("--scene-scale", type=int, default=1, help="corner scenes (crop, hard) drawn this many times "
                     "larger, their landmarks not: small targets, shown to the model at 1/scale of their pixels, "
                     "that a crop (cut from the full image) shows whole")
-    ap.add_argument("--kind-urls", action="store_true", help="experiment: page urls name the landmark's kind "
-                    "before the id (http://toyworld.local/tower871), so that the id's copy has an anchor of its own "
-                    "after a miss (the fountain's url above it)")
     ap.add_argument("--k", type=int, default=1, help="search results the oracle sees (use the same --k in eval and GRPO)")
     ap.add_argument("--visit-chars", type=int, default=60, help="visit keeps the passage most relevant to its goal "
                     "within this many characters (the oracle's and the policy's; one fact, like the papers' summarizer)")
@@ -386,8 +383,6 @@ def main(argv=None):
                     "(Qwen2.5-VL's 112; worlds before 2026-12-01, evening, used 56)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (the world is deterministic)")
     args = ap.parse_args(argv)
-    global URL
-    URL = "http://toyworld.local/{kind}{page}" if args.kind_urls else "http://toyworld.local/page/{page}"
     args.hard_decoys = None if args.hard_decoys == "none" else args.hard_decoys
     args.init_std = args.hidden ** -0.5 if args.init_std is None else args.init_std
     shares = {"--test-fraction": args.test_fraction, "--val-fraction": args.val_fraction, "--unseen": args.unseen,
@@ -436,16 +431,16 @@ def main(argv=None):
     corpus, index = [], []
     for i, e in enumerate(entities):
         draw_entity(e["look"]).save(out / "images" / f"entity_{i:03d}.png")
-        corpus.append({"id": str(i), "title": e["title"], "url": URL.format(kind=e["kind"], page=e["page"]),
+        corpus.append({"id": str(i), "title": e["title"], "url": URL.format(page=e["page"]),
                        "text": page_text(e, rng, entities[:i] + entities[i + 1:], entities[e["twin"]] if "twin" in e else None)})
-        index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(kind=e["kind"], page=e["page"]),
+        index.append({"image": f"images/entity_{i:03d}.png", "title": e["title"], "url": URL.format(page=e["page"]),
                       "snippet": f"{e['title']}, a {e['kind']} in {e['city']}."})
     core.write_jsonl(out / "corpus.jsonl", corpus)
 
     ids = [e["page"] for e in entities]
 
     def version(years, pages):   # the corpus with landmark i's year years[i], at page id pages[i]
-        return [dict(d, url=URL.format(kind=e["kind"], page=p), text=d["text"].replace(f"completed in {e['year']}.", f"completed in {y}."))
+        return [dict(d, url=URL.format(page=p), text=d["text"].replace(f"completed in {e['year']}.", f"completed in {y}."))
                 for d, e, y, p in zip(corpus, entities, years, pages)]
     core.write_jsonl(out / "corpus_moved.jsonl", version([moved_year(e["year"]) for e in entities], ids))
     core.write_jsonl(out / "images.jsonl", index)
@@ -477,7 +472,7 @@ def main(argv=None):
     texts = [d["text"] for d in corpus] + [t["question"] for t in tasks] + [json.dumps(h) for h in index]
     texts += [SYSTEM] * 20
     (out / "system.txt").write_text(SYSTEM, encoding="utf-8")
-    texts += [core.format_tool_call("visit", {"url": URL.format(kind=e["kind"], page=e["page"]), "goal": g}) for e in entities
+    texts += [core.format_tool_call("visit", {"url": URL.format(page=e["page"]), "goal": g}) for e in entities
               for g in ((GOAL, TWIN_GOAL) if "twin" in e else (GOAL,))]
     core.build_tiny_policy(out / "model", texts, vocab_size=args.vocab, hidden=args.hidden, max_pixels=args.max_pixels,
                            tie_embeddings=True, vision_window=args.vision_window,   # as small Qwen models do
@@ -493,7 +488,7 @@ def main(argv=None):
                              visit_chars=args.visit_chars, crop_settings=crop_settings)
     # A view of the web the oracle reads: its search tools, and each url's landmark as its page tells it.
     real = {"text": tools.LocalTextSearch(out / "corpus.jsonl"), "images": tools.LocalImageSearch(out / "images.jsonl"),
-            "by_url": {URL.format(kind=e["kind"], page=e["page"]): e for e in entities}}
+            "by_url": {URL.format(page=e["page"]): e for e in entities}}
     redated_rng = random.Random(args.seed + 2)   # its own stream: the world's other draws stay as they were
     renumber_rng = random.Random(args.seed + 3)  # and --renumber's
     redated = []   # REDATED views with the years drawn anew (and with --renumber, the page ids shuffled)
@@ -505,11 +500,11 @@ def main(argv=None):
         pages = renumber_rng.sample(ids, len(ids)) if args.renumber else ids
         core.write_jsonl(out / "sft_pages" / f"corpus_{v}.jsonl", version(years, pages))
         core.write_jsonl(out / "sft_pages" / f"images_{v}.jsonl",   # image paths are relative to the index
-                    [dict(h, image=f"../{h['image']}", url=URL.format(kind=e["kind"], page=p)) for h, p, e in zip(index, pages, entities)])
+                    [dict(h, image=f"../{h['image']}", url=URL.format(page=p)) for h, p in zip(index, pages)])
         redated.append({"text": tools.LocalTextSearch(out / "sft_pages" / f"corpus_{v}.jsonl"),
                         "images": tools.LocalImageSearch(out / "sft_pages" / f"images_{v}.jsonl",   # same pictures
                                                          vectors=real["images"].vectors), "years": years,
-                        "by_url": {URL.format(kind=e["kind"], page=p): dict(e, year=y) for e, y, p in zip(entities, years, pages)}})
+                        "by_url": {URL.format(page=p): dict(e, year=y) for e, y, p in zip(entities, years, pages)}})
     rows = [dict(t, _root=str(out)) for t in train]
     scripts, experts, variant = {}, {}, {}   # scripts/experts[task id, view]; variant[view][task id]: the answer there
     typo_rng = random.Random(args.seed + 1)   # its own stream too
