@@ -1,7 +1,7 @@
 """Run the agent on a benchmark file, score it, and write results, a summary table and an HTML report.
 
     # the toy world, offline, on CPU: the model of train_grpo.py's toy example, with the tools and
-    # the prompt the world's SFT data showed: the main command's evaluation (its GRPO model scores 0.388)
+    # the prompt the world's SFT data showed: the main command's evaluation (its scores: the README's results)
     python eval.py --model runs/grpo_toy/final --data data/toyworld/out/test.jsonl \
         --backend local --corpus data/toyworld/out/corpus.jsonl --image-index data/toyworld/out/images.jsonl \
         --k 1 --visit-chars 60 --crop-upscale 112 --system "$(cat data/toyworld/out/system.txt)" \
@@ -289,6 +289,10 @@ def main(argv=None):
         core.write_report(args.html, results, summary)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))   # last: run.py's sign of a finished eval
     print(markdown_table(summary))
+    failed = [r for r in results if "error" in r]
+    if failed:   # the table counts them; say which, so nobody has to dig through results.jsonl
+        print(f"eval: {len(failed)} of {len(results)} examples could not be run and are left out of accuracy "
+              f"and pass@n ('error' in {results_path}); the first, {failed[0]['id']!r}: {failed[0]['error']}")
     if args.html:
         print(f"eval: report written to {args.html}")
     return summary

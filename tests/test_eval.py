@@ -90,7 +90,7 @@ def test_no_tools_baseline_and_other_key_names(world, tiny_dir, tmp_path):
     assert "No tools are available" in line["samples"][0]["trajectory"]["messages"][0]["content"]
 
 
-def test_missing_image_is_an_error_line_and_the_run_goes_on(world, tiny_dir, tmp_path):
+def test_missing_image_is_an_error_line_and_the_run_goes_on(world, tiny_dir, tmp_path, capsys):
     data = tmp_path / "tasks.jsonl"
     rows = [json.loads(line) for line in (world / "tasks.jsonl").read_text().splitlines()][:2]
     rows.insert(1, {"id": "broken", "image": "img/nope.png", "question": "?", "answers": ["x"]})
@@ -105,6 +105,8 @@ def test_missing_image_is_an_error_line_and_the_run_goes_on(world, tiny_dir, tmp
     broken = next(r for r in lines if r["id"] == "broken")
     assert "cannot read image" in broken["error"] and "nope.png" in broken["error"]
     assert summary["errors"] == 1 and summary["samples"] == 2
+    said = capsys.readouterr().out   # and the terminal names it, not only the table's count
+    assert "1 of 3 examples could not be run" in said and "'broken'" in said and "nope.png" in said
 
 
 def test_resume_after_kill(world, tiny_dir, tmp_path):
