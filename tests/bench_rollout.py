@@ -16,7 +16,8 @@ test tasks with the main command's eval settings.
 Multi-turn: 16 rows (batch 16), 8 turns. Each turn the model runs a forward for every token it
 writes, but the tokens are scripted (a text_search tool call, 30-odd tokens, then <|im_end|>)
 so that every row really makes 8 tool calls against a local corpus; random weights would
-otherwise stop after one turn. Prefill tokens count tokens run through the model in prefill;
+otherwise stop after one turn. Prefill s and decode s are the seconds inside `core.prefill` and
+`core.decode_one_token` (the rest is tools and bookkeeping); prefill tokens count tokens run through the model in prefill;
 tok/s is generated tokens per second of wall time (tools included). With cache reuse, prefill
 plus generated tokens is the context length plus one per turn after the first (the sampled
 <|im_end|> is fed with the next segment) minus the final newline: each token runs through the model once. Not a test.
@@ -68,7 +69,9 @@ def reencode_every_turn(run_turn):
 def bench(policy, toolbox, reencode, rows=16, turns=8):
     script = core.encode_assistant(policy, CALL) + [policy.ids["im_end"]]
     original_sample, original_turn = core.sample, core.run_turn
+    original_calls, prefills, decodes = (core.prefill, core.decode_one_token), [], []
     core.sample = scripted_sampler(script)
+    core.prefill, core.decode_one_token = counting_calls(core.prefill, prefills), counting_calls(core.decode_one_token, decodes)
     if reencode:
         core.run_turn = reencode_every_turn(original_turn)
     try:
@@ -82,11 +85,13 @@ def bench(policy, toolbox, reencode, rows=16, turns=8):
         dt = time.perf_counter() - t0
     finally:
         core.sample, core.run_turn = original_sample, original_turn
+        core.prefill, core.decode_one_token = original_calls
     gen = sum(t.meta["stats"]["generated_tokens"] for t in trajs)
     pre = sum(t.meta["stats"]["prefill_tokens"] for t in trajs)
     ctx = sum(len(t.input_ids) for t in trajs)
     assert all(t.turns == turns and t.finish_reason == "max_turns" for t in trajs), [t.finish_reason for t in trajs]
-    return {"time_s": dt, "generated": gen, "prefill": pre, "context": ctx, "tok_s": gen / dt}
+    return {"time_s": dt, "generated": gen, "prefill": pre, "context": ctx, "tok_s": gen / dt,
+            "prefill_s": sum(t for _, t in prefills), "decode_s": sum(t for _, t in decodes)}
 
 
 def single_turn(policy, rows, new_tokens, use_generate):
@@ -123,10 +128,14 @@ def single_turn(policy, rows, new_tokens, use_generate):
 
 
 def counting_calls(fn, calls):
-    """Wrap core.prefill / core.decode_one_token: record the rows in each model call."""
+    """Wrap core.prefill / core.decode_one_token: record (rows, seconds) of each model call."""
     def wrapped(policy, rows_or_batch, *args):
-        calls.append(len(getattr(rows_or_batch, "rows", rows_or_batch)))
-        return fn(policy, rows_or_batch, *args)
+        n, t0 = len(getattr(rows_or_batch, "rows", rows_or_batch)), time.perf_counter()
+        out = fn(policy, rows_or_batch, *args)
+        if policy.device.type == "cuda":
+            torch.cuda.synchronize()
+        calls.append((n, time.perf_counter() - t0))
+        return out
     return wrapped
 
 
@@ -141,9 +150,9 @@ def batching(policy, toolbox, tasks, slots, **kw):
         dt = time.perf_counter() - t0
     finally:
         core.prefill, core.decode_one_token = original
-    calls = prefills + decodes
+    calls = [n for n, _ in prefills + decodes]
     return {"ex_s": len(tasks) / dt, "idle": 1 - sum(calls) / (len(calls) * slots),
-            "idle_decode": 1 - sum(decodes) / (len(decodes) * slots), "calls": len(calls)}
+            "idle_decode": 1 - sum(n for n, _ in decodes) / (len(decodes) * slots), "calls": len(calls)}
 
 
 def long_tail(n=96, seed=0):
@@ -207,15 +216,17 @@ def main():
                           f"{r['tok_s'] / best[True]['tok_s']:.2f}x |", flush=True)
         if "multi" in args.parts:
             print(f"\nMulti-turn with tools: {args.rows} rows, {args.turns} turns\n")
-            print("| model | mode | wall s | generated | prefill tokens | context tokens | prefill/context | tok/s | speed-up |")
-            print("|---|---|---|---|---|---|---|---|---|")
+            print("| model | mode | wall s | prefill s | decode s | generated | prefill tokens | context tokens "
+                  "| prefill/context | tok/s | speed-up |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
             for label, policy in policies.items():
                 bench(policy, toolbox, False, 2, 2)   # warm-up
                 # interleaved, best of 3 each (a single run of the tiny model moved by a third)
                 runs = [bench(policy, toolbox, re, args.rows, args.turns) for _ in range(3) for re in (False, True)]
                 reuse, again = (min(runs[i::2], key=lambda r: r["time_s"]) for i in (0, 1))
                 for mode, r in (("KV cache reused", reuse), ("re-encode each turn", again)):
-                    print(f"| {label} | {mode} | {r['time_s']:.2f} | {r['generated']} | {r['prefill']} | "
+                    print(f"| {label} | {mode} | {r['time_s']:.2f} | {r['prefill_s']:.2f} | {r['decode_s']:.2f} | "
+                          f"{r['generated']} | {r['prefill']} | "
                           f"{r['context']} | {r['prefill'] / r['context']:.2f} | {r['tok_s']:.0f} | "
                           f"{r['tok_s'] / again['tok_s']:.2f}x |", flush=True)
         if "batching" in args.parts:
