@@ -23,6 +23,7 @@ plus generated tokens is the context length plus one per turn after the first (t
 <|im_end|> is fed with the next segment) minus the final newline: each token runs through the model once. Not a test.
 """
 import argparse
+import contextlib
 import json
 import random
 import sys
@@ -69,23 +70,21 @@ def reencode_every_turn(run_turn):
 def bench(policy, toolbox, reencode, rows=16, turns=8):
     script = core.encode_assistant(policy, CALL) + [policy.ids["im_end"]]
     original_sample, original_turn = core.sample, core.run_turn
-    original_calls, prefills, decodes = (core.prefill, core.decode_one_token), [], []
     core.sample = scripted_sampler(script)
-    core.prefill, core.decode_one_token = counting_calls(core.prefill, prefills), counting_calls(core.decode_one_token, decodes)
     if reencode:
         core.run_turn = reencode_every_turn(original_turn)
-    try:
-        tasks = [{"id": str(i), "image": Image.new("RGB", (224, 168), (i * 15, 80, 160)),
-                  "question": "Which city is this tower in, and when was it built?"} for i in range(rows)]
-        t0 = time.perf_counter()
-        trajs = core.rollout(policy, tasks, toolbox, max_turns=turns, max_new_tokens=len(script) + 1,
-                             max_context=32768, max_batch=rows, progress=False)
-        if policy.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    finally:
-        core.sample, core.run_turn = original_sample, original_turn
-        core.prefill, core.decode_one_token = original_calls
+    with model_calls() as (prefills, decodes):
+        try:
+            tasks = [{"id": str(i), "image": Image.new("RGB", (224, 168), (i * 15, 80, 160)),
+                      "question": "Which city is this tower in, and when was it built?"} for i in range(rows)]
+            t0 = time.perf_counter()
+            trajs = core.rollout(policy, tasks, toolbox, max_turns=turns, max_new_tokens=len(script) + 1,
+                                 max_context=32768, max_batch=rows, progress=False)
+            if policy.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        finally:
+            core.sample, core.run_turn = original_sample, original_turn
     gen = sum(t.meta["stats"]["generated_tokens"] for t in trajs)
     pre = sum(t.meta["stats"]["prefill_tokens"] for t in trajs)
     ctx = sum(len(t.input_ids) for t in trajs)
@@ -127,29 +126,35 @@ def single_turn(policy, rows, new_tokens, use_generate):
     return {"time_s": dt, "generated": generated, "tok_s": generated / dt}
 
 
-def counting_calls(fn, calls):
-    """Wrap core.prefill / core.decode_one_token: record (rows, seconds) of each model call."""
-    def wrapped(policy, rows_or_batch, *args):
-        n, t0 = len(getattr(rows_or_batch, "rows", rows_or_batch)), time.perf_counter()
-        out = fn(policy, rows_or_batch, *args)
-        if policy.device.type == "cuda":
-            torch.cuda.synchronize()
-        calls.append((n, time.perf_counter() - t0))
-        return out
-    return wrapped
+@contextlib.contextmanager
+def model_calls():
+    """Within the block, record (rows, seconds) of each core.prefill and core.decode_one_token call:
+    yields the two lists."""
+    def counting(fn, calls):
+        def wrapped(policy, rows_or_batch, *args):
+            n, t0 = len(getattr(rows_or_batch, "rows", rows_or_batch)), time.perf_counter()
+            out = fn(policy, rows_or_batch, *args)
+            if policy.device.type == "cuda":
+                torch.cuda.synchronize()
+            calls.append((n, time.perf_counter() - t0))
+            return out
+        return wrapped
+
+    prefills, decodes, original = [], [], (core.prefill, core.decode_one_token)
+    core.prefill, core.decode_one_token = counting(original[0], prefills), counting(original[1], decodes)
+    try:
+        yield prefills, decodes
+    finally:
+        core.prefill, core.decode_one_token = original
 
 
 def batching(policy, toolbox, tasks, slots, **kw):
     """Examples/s and idle slot shares rolling `tasks` out in batches of `slots` rows, as eval.py does."""
-    prefills, decodes, original = [], [], (core.prefill, core.decode_one_token)
-    core.prefill, core.decode_one_token = counting_calls(original[0], prefills), counting_calls(original[1], decodes)
-    try:
+    with model_calls() as (prefills, decodes):
         t0 = time.perf_counter()
         for start in range(0, len(tasks), slots):
             core.rollout(policy, tasks[start:start + slots], toolbox, max_batch=slots, progress=False, **kw)
         dt = time.perf_counter() - t0
-    finally:
-        core.prefill, core.decode_one_token = original
     calls = [n for n, _ in prefills + decodes]
     return {"ex_s": len(tasks) / dt, "idle": 1 - sum(calls) / (len(calls) * slots),
             "idle_decode": 1 - sum(n for n, _ in decodes) / (len(decodes) * slots), "calls": len(calls)}
